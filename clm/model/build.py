@@ -1,0 +1,104 @@
+"""Build transformers' MixtralForCausalLM for XLA: config, MoE implementation, sharded init."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from transformers import AutoConfig, MixtralConfig, MixtralForCausalLM
+
+from clm.errors import UserError
+from clm.model import attention, moe
+
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.name for p in CONFIGS_DIR.glob("*.json"))
+
+
+def resolve_config_path(path: str) -> Path:
+    """A file path as given, else one of the JSONs shipped in clm/model/configs."""
+    for candidate in (Path(path).expanduser(), CONFIGS_DIR / path):
+        if candidate.is_file():
+            return candidate
+    raise UserError(
+        f"model.config_path={path}: no such file; give a path to a model config JSON "
+        f"or one of the shipped configs: {', '.join(shipped_configs())}"
+    )
+
+
+def load_model_config(cfg: DictConfig) -> MixtralConfig:
+    """The transformers config for cfg.model, checked against the run's sequence length."""
+    if cfg.model.config_path:
+        source = str(resolve_config_path(cfg.model.config_path))
+        hf_config = MixtralConfig.from_json_file(source)
+        knob = f"model.config_path={cfg.model.config_path}"
+    elif cfg.model.name_or_path:
+        try:
+            hf_config = AutoConfig.from_pretrained(cfg.model.name_or_path, cache_dir=cfg.cache_local_dir)
+        except OSError as e:
+            raise UserError(
+                f"model.name_or_path={cfg.model.name_or_path}: cannot load its config ({str(e).splitlines()[0]}); "
+                "give a local directory or set model.config_path"
+            ) from None
+        knob = f"model.name_or_path={cfg.model.name_or_path}"
+    else:
+        raise UserError("set model.config_path (a model JSON) or model.name_or_path (pretrained weights)")
+    if hf_config.model_type != "mixtral":
+        raise UserError(f"{knob}: model_type is {hf_config.model_type!r}; clm trains Mixtral (model_type 'mixtral')")
+
+    limit = hf_config.max_position_embeddings
+    for key in ("max_length", "model.max_sequence_length"):
+        value = cfg.max_length if key == "max_length" else cfg.model.max_sequence_length
+        if value > limit:
+            raise UserError(f"{key}={value} exceeds max_position_embeddings={limit} of {knob}; use at most {limit}")
+
+    hf_config.use_cache = False
+    attention.configure(hf_config, cfg.model.flash_attention)
+    moe.configure(hf_config, cfg.model.capacity_factor)
+    return hf_config
+
+
+def build_model(cfg: DictConfig, hf_config: MixtralConfig, place_parameters) -> MixtralForCausalLM:
+    """Create the model on the meta device, materialise it on the XLA devices, then initialise.
+
+    `place_parameters(model)` annotates every parameter's sharding before anything is
+    allocated for real, so a full-size model never exists on one host. XLA's RNG gives the
+    same values whatever the sharding, so a sharded init equals an unsharded one.
+    """
+    import torch_xla
+    import torch_xla.core.xla_model as xm
+
+    if not cfg.model.config_path:
+        raise UserError("loading pretrained weights from model.name_or_path is not supported yet; set model.config_path")
+    dtype = getattr(torch, cfg.model.dtype)
+    with torch.device("meta"):
+        model = MixtralForCausalLM(hf_config).to(dtype)
+    model.to_empty(device=torch_xla.device())
+    place_parameters(model)
+    xm.set_rng_state(cfg.seed)
+    model.initialize_weights()
+    moe.attach(model)
+    if cfg.model.fsdp_config.xla_fsdp_grad_ckpt:
+        checkpoint_layers(model, cfg.model.fsdp_config.fsdp_transformer_layer_cls_to_wrap)
+    return model
+
+
+def checkpoint_layers(model: torch.nn.Module, class_names) -> None:
+    """Recompute each decoder layer's activations in backward (torch_xla's checkpoint, which adds
+    the optimization barriers that stop XLA from fusing the recomputation away), and put a
+    barrier on each layer's gradients so XLA does not hold all layers' gradient buffers at once."""
+    import torch_xla.distributed.spmd as xs
+    from torch_xla.distributed.fsdp import checkpoint_module
+
+    layers = [m for m in model.modules() if type(m).__name__ in set(class_names)]
+    if not layers:
+        raise UserError(
+            f"model.fsdp_config.fsdp_transformer_layer_cls_to_wrap={list(class_names)} matches no module; "
+            "use ['MixtralDecoderLayer']"
+        )
+    for layer in layers:
+        checkpoint_module(layer)
+        xs.apply_backward_optimization_barrier(layer)

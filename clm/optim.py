@@ -1,0 +1,58 @@
+"""Optimizer and the reference's learning-rate schedules (NeMo's WarmupHoldPolicy, CosineAnnealing)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from omegaconf import DictConfig
+from torch.optim.lr_scheduler import LambdaLR
+
+from clm.config import XLA_ADAMW
+
+
+def build_optimizer(cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW (torch_xla's syncfree variant for ADAMW_TORCH_XLA) or any torch.optim class by name.
+
+    Biases and norm weights (every parameter with fewer than 2 dims) get no weight decay.
+    (The reference meant to do the same, but its name patterns match no Mixtral parameter.)
+    """
+    decay, no_decay = [], []
+    for param in model.parameters():
+        (decay if param.dim() >= 2 else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if cfg.optimizer == XLA_ADAMW:
+        from torch_xla.amp.syncfree import AdamW
+
+        return AdamW(groups, lr=cfg.lr)
+    return getattr(torch.optim, cfg.optimizer)(groups, lr=cfg.lr)
+
+
+def warmup_steps(sched: DictConfig) -> int:
+    return int(sched.warmup_ratio * sched.max_steps)
+
+
+def learning_rate(step: int, base_lr: float, sched: DictConfig) -> float:
+    """The lr NeMo's scheduler gives for optimizer step `step` (0-based), with NeMo's branch order."""
+    warmup = warmup_steps(sched)
+    if warmup > 0 and step <= warmup:
+        return base_lr * (step + 1) / (warmup + 1)
+    if sched.name == "WarmupHoldPolicy":
+        hold_end = sched.hold_steps + warmup if sched.hold_steps is not None else 0
+        if warmup <= step < hold_end:
+            return base_lr
+        return sched.min_lr if step > sched.max_steps else base_lr
+    # CosineAnnealing without constant steps: cosine from base_lr down to min_lr after warmup.
+    if step > sched.max_steps:
+        return sched.min_lr
+    progress = (step - warmup) / (sched.max_steps - warmup)
+    return (base_lr - sched.min_lr) * 0.5 * (1 + math.cos(math.pi * progress)) + sched.min_lr
+
+
+def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer) -> LambdaLR:
+    # The lr stays a Python float in the param groups; XLA_NO_SPECIAL_SCALARS (clm.runtime)
+    # makes it device data rather than a constant, so a new value never recompiles the step.
+    return LambdaLR(optimizer, lambda step: learning_rate(step, cfg.lr, cfg.sched) / cfg.lr)

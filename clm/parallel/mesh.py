@@ -1,0 +1,91 @@
+"""The device mesh: data parallel across slices (dcn), fsdp, expert and tensor parallel.
+
+The batch is split over every axis but `tensor`; parameters are split as the sharding
+rules say (clm/conf/sharding). Shapes and checks are plain arithmetic so the planner can
+use them for a pod it is not running on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from clm.errors import UserError
+
+AXES = ("dcn", "fsdp", "expert", "tensor")
+# The batch dimension is split over these; devices that differ only in `tensor` share a batch shard.
+DATA_AXES = ("dcn", "fsdp", "expert")
+
+
+@dataclass(frozen=True)
+class MeshShape:
+    dcn: int
+    fsdp: int
+    expert: int
+    tensor: int
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {axis: getattr(self, axis) for axis in AXES}
+
+    @property
+    def num_devices(self) -> int:
+        return self.dcn * self.fsdp * self.expert * self.tensor
+
+    @property
+    def data_parallel(self) -> int:
+        return self.dcn * self.fsdp * self.expert
+
+    def __str__(self) -> str:
+        return " x ".join(f"{axis}={size}" for axis, size in self.sizes.items())
+
+
+def mesh_shape(num_devices: int, tensor_parallelism: int, expert_parallelism: int, num_slices: int) -> MeshShape:
+    """fsdp = devices / (slices x tp x ep); one line naming the knob when that does not divide."""
+    for knob, value in (("tensor_parallelism", tensor_parallelism), ("expert_parallelism", expert_parallelism),
+                        ("num_slices", num_slices)):
+        if value < 1 or num_devices % value:
+            raise UserError(f"{knob}={value} must be a positive divisor of the device count ({num_devices})")
+    model_parallel = tensor_parallelism * expert_parallelism
+    if num_devices % model_parallel:
+        raise UserError(
+            f"tensor_parallelism x expert_parallelism = {model_parallel} must divide the device count ({num_devices})"
+        )
+    per_slice = num_devices // num_slices
+    if per_slice % model_parallel:
+        raise UserError(
+            f"tensor_parallelism x expert_parallelism = {model_parallel} must divide the devices of one slice "
+            f"({per_slice} = {num_devices} devices / num_slices={num_slices})"
+        )
+    return MeshShape(num_slices, per_slice // model_parallel, expert_parallelism, tensor_parallelism)
+
+
+def check_model_fits_mesh(shape: MeshShape, hf_config) -> None:
+    """Tensor parallelism splits attention heads; expert parallelism splits experts."""
+    tp, ep = shape.tensor, shape.expert
+    if hf_config.num_attention_heads % tp:
+        raise UserError(f"tensor_parallelism={tp} must divide num_attention_heads={hf_config.num_attention_heads}")
+    if hf_config.num_key_value_heads % tp:
+        raise UserError(f"tensor_parallelism={tp} must divide num_key_value_heads={hf_config.num_key_value_heads}")
+    if hf_config.num_local_experts % ep:
+        raise UserError(f"expert_parallelism={ep} must divide num_local_experts={hf_config.num_local_experts}")
+
+
+def runtime_num_slices() -> int:
+    """Slices in this job: TPU devices carry a slice_index; anything else is one slice."""
+    import torch_xla.runtime as xr
+
+    attributes = xr.global_runtime_device_attributes()
+    return 1 + max(int(a.get("slice_index", 0)) for a in attributes)
+
+
+def build_mesh(shape: MeshShape):
+    import torch_xla.distributed.spmd as xs
+
+    ici = (1, shape.fsdp, shape.expert, shape.tensor)
+    if shape.dcn > 1 and runtime_num_slices() > 1:
+        # Real multislice: lay the dcn axis across slices, the others inside one slice's ICI.
+        return xs.HybridMesh(ici_mesh_shape=ici, dcn_mesh_shape=(shape.dcn, 1, 1, 1), axis_names=AXES)
+    # One slice (or a logical dcn axis on one slice, as tests use): devices in order.
+    return xs.Mesh(np.arange(shape.num_devices), tuple(shape.sizes.values()), AXES)

@@ -1,0 +1,170 @@
+"""Will it fit? A memory plan for a pod you are not on, from the overrides you would launch with.
+
+    python -m clm.plan v5p-256 +experiment=gbs256_tpu
+    python -m clm.plan 2xv5p-256 +experiment=gbs256_tpu tensor_parallelism=2
+
+Nothing is allocated: the model is built on the meta device, the sharding rules give each
+parameter's per-device shape, and activations are estimated from the shapes (the formula is
+below, in `activation_bytes`). Last line: `plan: key=value ...`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+
+from clm.errors import UserError
+from clm.parallel import MeshShape, check_model_fits_mesh, mesh_shape, plan_parameters
+
+GB = 1e9
+# HBM per chip (GB) and TensorCores per chip: a v4/v5p topology name counts TensorCores
+# (v5p-256 is 128 chips); v5e/v6e names count chips.
+CHIPS = {"v4": (32, 2), "v5p": (95, 2), "v5e": (16, 1), "v6e": (32, 1)}
+ALIASES = {"v5litepod": "v5e", "v6litepod": "v6e"}
+# Headroom left for XLA's own buffers and fragmentation when saying "fits".
+USABLE_FRACTION = 0.9
+
+
+@dataclass(frozen=True)
+class Topology:
+    name: str
+    kind: str
+    slices: int
+    chips_per_slice: int
+    hbm_gb: float
+
+    @property
+    def chips(self) -> int:
+        return self.slices * self.chips_per_slice
+
+
+def parse_topology(text: str) -> Topology:
+    match = re.fullmatch(r"(?:(\d+)x)?(v\d+[a-z]*)-(\d+)", text)
+    kind = ALIASES.get(match.group(2), match.group(2)) if match else None
+    if kind not in CHIPS:
+        raise UserError(
+            f"topology '{text}': use e.g. v5p-256, v4-8, v5e-16, v6e-256, or 2xv5p-256 for two slices "
+            f"(chips: {', '.join(CHIPS)})"
+        )
+    hbm, cores_per_chip = CHIPS[kind]
+    return Topology(text, kind, int(match.group(1) or 1), int(match.group(3)) // cores_per_chip, hbm)
+
+
+def activation_bytes(cfg: DictConfig, hf_config, mesh: MeshShape) -> dict[str, float]:
+    """Per-device activation estimate for one micro-batch, forward and backward.
+
+    tokens = rows per device x S. Per layer, with b bytes per element and tp = tensor size:
+      saved input     tokens*H*b                                 (all an activation-checkpointed layer keeps)
+      attention       tokens*(2*Hq*d + 2*Hkv*d)/tp*b             (q, k, v, output; flash keeps no S x S scores,
+                      + rows*Hq/tp*S*S*b without flash attention)
+      MoE             slots*(2*H + 3*I/tp)*b, slots = tokens*K*cf (dispatched, gate/up, activated, output;
+                                                                 dropless: cf = 1 with the grouped matmul)
+      other           4*tokens*H*b                               (norms, residuals)
+    Backward needs about as much again as the forward of the layer it differentiates.
+    Logits: tokens*V/tp*(b + 4 + 4) (model dtype, fp32 for the loss, fp32 gradient).
+    With checkpointing: L * saved input + 2 * one layer + logits; without: 2 * L * one layer + logits.
+    """
+    b = torch.tensor([], dtype=getattr(torch, cfg.model.dtype)).element_size()
+    micro_batch = cfg.global_train_batch_size // cfg.gradient_accumulation_steps
+    rows = math.ceil(micro_batch / mesh.data_parallel)
+    S, tp = cfg.max_length, mesh.tensor
+    tokens = rows * S
+    H, I, V, L = hf_config.hidden_size, hf_config.intermediate_size, hf_config.vocab_size, hf_config.num_hidden_layers
+    Hq, Hkv, K = hf_config.num_attention_heads, hf_config.num_key_value_heads, hf_config.num_experts_per_tok
+    d = getattr(hf_config, "head_dim", None) or H // Hq
+    cf = cfg.model.capacity_factor if cfg.model.capacity_factor > 0 else 1.0
+
+    saved_input = tokens * H * b
+    attention = tokens * (2 * Hq * d + 2 * Hkv * d) / tp * b
+    if not cfg.model.flash_attention:
+        attention += rows * Hq / tp * S * S * b
+    moe = tokens * K * cf * (2 * H + 3 * I / tp) * b
+    layer = attention + moe + 4 * tokens * H * b
+    logits = tokens * V / tp * (b + 4 + 4)
+    if cfg.model.fsdp_config.xla_fsdp_grad_ckpt:
+        total = L * saved_input + 2 * layer + logits
+    else:
+        total = 2 * L * layer + logits
+    return {"layer_inputs": L * saved_input, "one_layer": layer, "logits": logits, "total": total}
+
+
+def _group_name(name: str) -> str:
+    return re.sub(r"\.\d+\.", ".*.", name)
+
+
+def print_plan(cfg: DictConfig, topology: Topology) -> dict[str, float]:
+    from transformers import MixtralForCausalLM
+
+    from clm.model.build import load_model_config
+
+    hf_config = load_model_config(cfg)
+    slices = topology.slices if cfg.num_slices == -1 else cfg.num_slices
+    mesh = mesh_shape(topology.chips, cfg.tensor_parallelism, cfg.expert_parallelism, slices)
+    check_model_fits_mesh(mesh, hf_config)
+    with torch.device("meta"):
+        model = MixtralForCausalLM(hf_config)
+    shapes = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+    num_params = sum(math.prod(s) for _, s in shapes)
+    plan = plan_parameters(shapes, cfg.sharding, mesh)
+    b = torch.tensor([], dtype=getattr(torch, cfg.model.dtype)).element_size()
+
+    groups: dict[str, list] = defaultdict(list)
+    for entry in plan:
+        groups[entry.rule or _group_name(entry.name)].append(entry)
+    print(f"Plan: {cfg.model.config_path or cfg.model.name_or_path} on {topology.name} "
+          f"({topology.chips} chips, {topology.hbm_gb:g} GB HBM each), mesh {mesh}, "
+          f"{cfg.model.dtype}, S={cfg.max_length}, global batch {cfg.global_train_batch_size}")
+    print(f"{'parameter group':<48} {'count':>5}  {'global shape':<22} {'partition spec':<36} {'per device':>11}")
+    param_bytes = 0.0
+    for rule, entries in groups.items():
+        local = sum(math.prod(e.local_shape) for e in entries) * b
+        param_bytes += local
+        spec = "(" + ", ".join(str(list(s)) if isinstance(s, tuple) else str(s) for s in entries[0].spec) + ")"
+        print(f"{rule:<48} {len(entries):>5}  {str(list(entries[0].shape)):<22} {spec:<36} {local / 2**20:>8.1f} MiB")
+
+    activations = activation_bytes(cfg, hf_config, mesh)
+    totals = {
+        "parameters": param_bytes,
+        "gradients": param_bytes,
+        "optimizer_state": 2 * param_bytes,  # AdamW's two moments, in the parameters' dtype
+        "activations": activations["total"],
+    }
+    total = sum(totals.values())
+    usable = USABLE_FRACTION * topology.hbm_gb * GB
+    print(f"\nPer chip (GB): " + ", ".join(f"{k} {v / GB:.2f}" for k, v in totals.items())
+          + f" (activations: layer inputs {activations['layer_inputs'] / GB:.2f}, one layer "
+          f"{activations['one_layer'] / GB:.2f}, logits {activations['logits'] / GB:.2f})")
+    verdict = "fits" if total <= usable else "does NOT fit"
+    print(f"Total {total / GB:.2f} GB of {topology.hbm_gb:g} GB HBM: {verdict} "
+          f"({USABLE_FRACTION:.0%} usable; activations are an estimate, see clm/plan.py)")
+    summary = {"params_b": num_params / 1e9, **{f"{k}_gb": v / GB for k, v in totals.items()},
+               "total_gb": total / GB, "hbm_gb": topology.hbm_gb}
+    print(f"plan: topology={topology.name} chips={topology.chips} "
+          + " ".join(f"{k}={v:.2f}" for k, v in summary.items()) + f" fits={'yes' if total <= usable else 'no'}")
+    return {**summary, "fits": total <= usable}
+
+
+def main(argv: list[str]) -> int:
+    from clm.config import load_config
+
+    if not argv or argv[0].startswith("-") or "=" in argv[0]:
+        print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
+        return 2
+    try:
+        topology = parse_topology(argv[0])
+        cfg = load_config(argv[1:], num_devices=topology.chips)
+        print_plan(cfg, topology)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,11 @@
+"""Tests run on XLA's CPU backend with 8 virtual devices and real SPMD partitioning.
+
+The environment must be set before torch_xla initialises its runtime, so it is set here,
+at import time of the test session, not inside fixtures.
+"""
+import os
+
+os.environ.setdefault("PJRT_DEVICE", "CPU")
+os.environ.setdefault("CPU_NUM_DEVICES", "8")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "offline")
