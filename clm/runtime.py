@@ -36,7 +36,8 @@ def setup(compile_cache_dir: str | None, full_precision: bool) -> None:
         os.makedirs(compile_cache_dir, exist_ok=True)
         # Only one process per slice writes, as torch_xla recommends for shared caches.
         xr.initialize_cache(compile_cache_dir, readonly=xr.process_index() != 0)
-    xr.use_spmd()
+    if not xr.is_spmd():
+        xr.use_spmd()
     if full_precision:
         import torch_xla.backends
 

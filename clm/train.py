@@ -64,7 +64,8 @@ class Trainer:
         self.tokenizer = data.load_tokenizer(cfg.model.tokenizer_name_or_path)
 
         self.mesh = parallel.build_mesh(mesh_shape)
-        self.input_sharding = xs.ShardingSpec(self.mesh, parallel.batch_spec(), minibatch=True)
+        # Several hosts each pass their own rows (minibatch); one host passes the whole batch.
+        self.input_sharding = xs.ShardingSpec(self.mesh, parallel.batch_spec(), minibatch=xr.process_count() > 1)
         # Constraints inside the model: MoE buffers split by expert (all-to-all under expert
         # parallelism), attention heads by tensor for the flash kernel.
         moe.set_expert_activation_sharding(
@@ -278,6 +279,7 @@ def train(cfg: DictConfig) -> Summary:
     slices = parallel.runtime_num_slices() if cfg.num_slices == -1 else cfg.num_slices
     mesh_shape = parallel.mesh_shape(num_devices, cfg.tensor_parallelism, cfg.expert_parallelism, slices)
     parallel.check_model_fits_mesh(mesh_shape, hf_config)
+    parallel.check_multihost_input(mesh_shape)
     runtime.setup(cfg.local_compile_cache_dir, cfg.full_precision)
     summary = Trainer(cfg, hf_config, mesh_shape).train()
     print_summary(cfg, summary)

@@ -6,6 +6,7 @@ from clm.parallel.mesh import (
     MeshShape,
     build_mesh,
     check_model_fits_mesh,
+    check_multihost_input,
     mesh_shape,
     runtime_num_slices,
 )

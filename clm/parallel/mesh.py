@@ -72,6 +72,19 @@ def check_model_fits_mesh(shape: MeshShape, hf_config) -> None:
         raise UserError(f"expert_parallelism={ep} must divide num_local_experts={hf_config.num_local_experts}")
 
 
+def check_multihost_input(shape: MeshShape) -> None:
+    """torch_xla assembles a global batch from per-host rows only when the rows are split over
+    every device; with tensor parallelism they are replicated over `tensor`."""
+    import torch_xla.runtime as xr
+
+    if xr.process_count() > 1 and shape.tensor > 1:
+        raise UserError(
+            f"tensor_parallelism={shape.tensor} on a {xr.process_count()}-host job: torch_xla cannot assemble a "
+            "batch that is replicated over the tensor axis from per-host rows; use tensor_parallelism=1 "
+            "(fsdp, expert parallelism) on multi-host jobs"
+        )
+
+
 def runtime_num_slices() -> int:
     """Slices in this job: TPU devices carry a slice_index; anything else is one slice."""
     import torch_xla.runtime as xr
