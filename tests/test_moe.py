@@ -1,0 +1,371 @@
+"""clm.model.moe against HF's stock Mixtral experts and a per-token loop, on CPU eager and XLA."""
+
+import copy
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch_xla
+import torch_xla.debug.metrics as met
+import torch_xla.runtime as xr
+from transformers import MixtralConfig, MixtralForCausalLM
+from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock, load_balancing_loss_func
+
+from clm.model import moe
+
+# Autograd counts each backend's devices once, at the first backward of the process. Start
+# XLA's runtime at collection, before any test runs a (CPU) backward, or XLA backwards fail
+# an internal assert of the autograd engine (torch_xla.device() alone does not start it
+# under SPMD).
+xr.global_runtime_device_count()
+DEVICE = torch_xla.device()
+
+NUM_EXPERTS, TOP_K, VOCAB = 8, 2, 64
+NO_DROP_FACTOR = NUM_EXPERTS / TOP_K  # C = S: no expert queue can be longer than S
+
+
+def tiny_config() -> MixtralConfig:
+    config = MixtralConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=112,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=NUM_EXPERTS,
+        num_experts_per_tok=TOP_K,
+    )
+    config._experts_implementation = "eager"
+    return config
+
+
+def hf_and_clm_models(capacity_factor: float) -> tuple[MixtralForCausalLM, MixtralForCausalLM]:
+    """HF's stock eager Mixtral and the same weights with clm's experts."""
+    torch.manual_seed(0)
+    config = tiny_config()
+    reference = MixtralForCausalLM(config)
+    clm_config = copy.deepcopy(config)
+    moe.configure(clm_config, capacity_factor)
+    model = MixtralForCausalLM(clm_config)
+    model.load_state_dict(reference.state_dict())
+    moe.attach(model)
+    return reference, model
+
+
+def logits_loss_grads(model: MixtralForCausalLM, input_ids: torch.Tensor):
+    model.zero_grad(set_to_none=True)
+    output = model(input_ids=input_ids, labels=input_ids)
+    output.loss.backward()
+    grads = {name: parameter.grad for name, parameter in model.named_parameters()}
+    return output.logits, output.loss, grads
+
+
+def assert_same_training_signal(reference, model, input_ids, device, atol):
+    ref_logits, ref_loss, ref_grads = logits_loss_grads(reference, input_ids)
+    model = model.to(device)
+    logits, loss, grads = logits_loss_grads(model, input_ids.to(device))
+    torch_xla.sync()  # on XLA, run one graph for all of them rather than one per .cpu()
+    torch.testing.assert_close(logits.cpu(), ref_logits, rtol=0, atol=atol)
+    torch.testing.assert_close(loss.cpu(), ref_loss, rtol=0, atol=atol)
+    for name, ref_grad in ref_grads.items():
+        torch.testing.assert_close(grads[name].cpu(), ref_grad, rtol=0, atol=atol, msg=name)
+    return model
+
+
+@pytest.mark.parametrize("capacity_factor", [NO_DROP_FACTOR, 0.0], ids=["no_drops", "dropless"])
+def test_matches_hf_eager_on_cpu(capacity_factor):
+    reference, model = hf_and_clm_models(capacity_factor)
+    input_ids = torch.randint(0, VOCAB, (3, 16))
+    model = assert_same_training_signal(reference, model, input_ids, "cpu", atol=1e-6)
+    assert moe.router_metrics(model)["moe/drop_fraction"].item() == 0.0
+
+
+@pytest.mark.parametrize("capacity_factor", [NO_DROP_FACTOR, 0.0], ids=["no_drops", "dropless"])
+def test_matches_hf_eager_on_xla(capacity_factor):
+    reference, model = hf_and_clm_models(capacity_factor)
+    input_ids = torch.randint(0, VOCAB, (2, 16))
+    assert_same_training_signal(reference, model, input_ids, DEVICE, atol=1e-5)
+
+
+def test_expert_capacity():
+    assert moe.expert_capacity(32768, 2, 8, 1.25) == 10240
+    assert moe.expert_capacity(4, 2, 8, 1.25) == 1
+    assert moe.expert_capacity(2, 2, 8, 1.25) == 1  # floor(0.625) = 0 -> 1
+    assert moe.expert_capacity(16, 2, 8, 0.0) == 16  # dropless: S slots
+    assert moe.expert_capacity(16, 2, 8, 100.0) == 16  # no queue is longer than S
+
+
+# --- capacity semantics against an obviously correct loop ---------------------------------
+
+
+def loop_reference(block: MixtralSparseMoeBlock, hidden: torch.Tensor, capacity_factor: float):
+    """Per sequence, walk positions in order and each token's choices in order; an expert
+    takes an assignment while it has fewer than C. Returns the output and the dropped count."""
+    batch, length, hidden_dim = hidden.shape
+    experts = block.experts
+    _, weights, index = block.gate(hidden.reshape(-1, hidden_dim))
+    weights, index = weights.view(batch, length, TOP_K), index.view(batch, length, TOP_K)
+    capacity = max(1, math.floor(length * TOP_K * capacity_factor / NUM_EXPERTS))
+    output = torch.zeros_like(hidden)
+    dropped = 0
+    for b in range(batch):
+        taken = [0] * NUM_EXPERTS
+        for s in range(length):
+            for k in range(TOP_K):
+                e = int(index[b, s, k])
+                if taken[e] == capacity:
+                    dropped += 1
+                    continue
+                taken[e] += 1
+                gate, up = (experts.gate_up_proj[e] @ hidden[b, s]).chunk(2)
+                output[b, s] += weights[b, s, k] * (experts.down_proj[e] @ (F.silu(gate) * up))
+    return output, dropped
+
+
+def forced_block_and_input(capacity_factor: float) -> tuple[MixtralSparseMoeBlock, torch.Tensor]:
+    """Sequence 0 sends every token to experts 3 then 5 (through a router direction); the
+    others, orthogonal to that direction, route randomly and overflow experts with a mix of
+    first and second choices. Capacity must be counted per sequence."""
+    torch.manual_seed(0)
+    config = tiny_config()
+    moe.configure(config, capacity_factor)
+    block = MixtralSparseMoeBlock(config)
+    for parameter in block.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)
+    direction = F.normalize(torch.randn(config.hidden_size), dim=0)
+    with torch.no_grad():
+        block.gate.weight[3] += 3.0 * direction
+        block.gate.weight[5] += 2.7 * direction
+    moe.attach(block)
+    hidden = torch.randn(3, 24, config.hidden_size)
+    hidden -= (hidden @ direction).unsqueeze(-1) * direction
+    hidden[0] += 10 * direction
+    return block, hidden
+
+
+def test_capacity_matches_per_token_loop():
+    block, hidden = forced_block_and_input(1.25)
+    expected, dropped = loop_reference(block, hidden, 1.25)
+    output = block(hidden)
+    torch.testing.assert_close(output, expected, rtol=0, atol=1e-5)
+
+    # The forced sequence fills experts 3 and 5 after C = floor(24*2*1.25/8) = 7 tokens:
+    # every later token loses both choices and gets exactly zero. Random ones drop too.
+    _, _, index = block.gate(hidden[0])
+    assert (index[:, 0] == 3).all() and (index[:, 1] == 5).all()
+    assert output[0, :7].abs().amax(dim=-1).gt(0).all()
+    assert output[0, 7:].eq(0).all()
+    random_dropped = dropped - 2 * (24 - 7)
+    assert random_dropped > 0
+
+    metrics = moe.router_metrics(block)
+    assert metrics["moe/drop_fraction"].item() == pytest.approx(dropped / (3 * 24 * TOP_K))
+    assert metrics["moe/expert_load_max"].item() == 24
+    assert metrics["moe/expert_load_mean"].item() == 24 * TOP_K / NUM_EXPERTS
+
+
+def test_capacity_matches_per_token_loop_on_xla():
+    block, hidden = forced_block_and_input(1.25)
+    expected, _ = loop_reference(block, hidden, 1.25)
+    output = block.to(DEVICE)(hidden.to(DEVICE))
+    torch.testing.assert_close(output.cpu(), expected, rtol=0, atol=1e-5)
+
+
+def test_gradients_reach_router_and_every_expert():
+    block, hidden = forced_block_and_input(1.25)
+    block(hidden[1:]).square().sum().backward()
+    assert block.gate.weight.grad.abs().sum() > 0
+    for expert in range(NUM_EXPERTS):
+        assert block.experts.gate_up_proj.grad[expert].abs().sum() > 0, expert
+        assert block.experts.down_proj.grad[expert].abs().sum() > 0, expert
+
+
+def test_dropped_assignments_get_no_gradient():
+    block, hidden = forced_block_and_input(1.25)
+    hidden.requires_grad_(True)
+    block(hidden).sum().backward()
+    # Tokens 7.. of the forced sequence are fully dropped: no gradient reaches them, neither
+    # through the experts nor through the router (their weights are multiplied by zero).
+    assert hidden.grad[0, 7:].eq(0).all()
+    assert hidden.grad[0, :7].abs().sum() > 0
+
+
+def test_sharding_hook_sees_every_expert_activation():
+    block, hidden = forced_block_and_input(1.25)
+    capacity = 7  # floor(24 * 2 * 1.25 / 8)
+    shapes = []
+    moe.set_expert_activation_sharding(lambda tensor: shapes.append(tuple(tensor.shape)) or tensor)
+    try:
+        block(hidden)
+    finally:
+        moe.set_expert_activation_sharding(None)
+    hidden_dim, intermediate_dim = block.experts.hidden_dim, block.experts.intermediate_dim
+    assert shapes == [
+        (3, NUM_EXPERTS, capacity, hidden_dim),
+        (3, NUM_EXPERTS, capacity, intermediate_dim),
+        (3, NUM_EXPERTS, capacity, hidden_dim),
+    ]
+
+
+def test_attach_is_required():
+    config = tiny_config()
+    moe.configure(config, 1.25)
+    block = MixtralSparseMoeBlock(config)
+    with pytest.raises(RuntimeError, match="attach"):
+        block(torch.randn(1, 4, config.hidden_size))
+
+
+def test_dropless_grouped_path_matches_hf_eager():
+    """The TPU dropless path's sorting and unsorting, with a loop standing in for Pallas gmm."""
+
+    def loop_grouped_matmul(lhs, rhs, group_sizes):
+        ends = group_sizes.cumsum(0).tolist()
+        starts = [0] + ends[:-1]
+        return torch.cat([lhs[start:end] @ rhs[g] for g, (start, end) in enumerate(zip(starts, ends))])
+
+    torch.manual_seed(0)
+    config = tiny_config()
+    block = MixtralSparseMoeBlock(config)
+    for parameter in block.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)
+    hidden = torch.randn(40, config.hidden_size)
+    _, weights, index = block.gate(hidden)
+    expected = block.experts(hidden, index, weights)  # HF eager
+    output = moe.dropless_grouped_forward(block.experts, hidden, index, weights, loop_grouped_matmul)
+    torch.testing.assert_close(output, expected, rtol=0, atol=1e-6)
+
+
+# --- load-balancing loss -------------------------------------------------------------------
+
+
+def random_router_logits() -> tuple[torch.Tensor, ...]:
+    torch.manual_seed(0)
+    return tuple(torch.randn(48, NUM_EXPERTS, requires_grad=True) for _ in range(3))
+
+
+def test_load_balancing_loss_matches_hf():
+    router_logits = random_router_logits()
+    expected = load_balancing_loss_func(router_logits, NUM_EXPERTS, TOP_K)
+    loss = moe.load_balancing_loss(router_logits, NUM_EXPERTS, TOP_K)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
+    expected_grads = torch.autograd.grad(expected, router_logits)
+    for grad, expected_grad in zip(torch.autograd.grad(loss, router_logits), expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-9)
+
+
+def test_recorded_router_logits_are_the_ones_transformers_reports():
+    _, model = hf_and_clm_models(1.25)
+    input_ids = torch.randint(0, VOCAB, (2, 16))
+    reported = model.model(input_ids=input_ids, output_router_logits=True).router_logits
+    recorded = moe.router_logits(model)
+    assert len(recorded) == len(reported) == model.config.num_hidden_layers
+    for ours, theirs in zip(recorded, reported):
+        assert ours.requires_grad
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_load_balancing_loss_on_xla():
+    # HF's own function fails here (torch.histc on integers); the CPU result is the reference.
+    router_logits = random_router_logits()
+    expected = load_balancing_loss_func(router_logits, NUM_EXPERTS, TOP_K)
+    on_xla = tuple(logits.detach().to(DEVICE) for logits in router_logits)
+    loss = moe.load_balancing_loss(on_xla, NUM_EXPERTS, TOP_K)
+    torch.testing.assert_close(loss.cpu(), expected.detach(), rtol=1e-5, atol=0)
+
+
+# --- XLA: static shapes --------------------------------------------------------------------
+
+
+def test_xla_training_steps_do_not_recompile_or_sync():
+    """Fresh random tokens (so fresh routing) every step, as the trainer calls the API."""
+
+    def sample_count(metric: str) -> int:
+        data = met.metric_data(metric)
+        return 0 if data is None else data[0]
+
+    _, model = hf_and_clm_models(1.25)
+    model = model.to(DEVICE)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def train_step():
+        input_ids = torch.randint(0, VOCAB, (2, 16)).to(DEVICE)
+        outputs = model.model(input_ids=input_ids)
+        logits = model.lm_head(outputs.last_hidden_state)
+        loss = F.cross_entropy(logits.view(-1, VOCAB), input_ids.view(-1))
+        loss = loss + model.config.router_aux_loss_coef * moe.load_balancing_loss(
+            moe.router_logits(model), NUM_EXPERTS, TOP_K
+        )
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        metrics = moe.router_metrics(model)
+        torch_xla.sync()
+        return metrics
+
+    for _ in range(2):
+        train_step()
+    compiles, transfers = sample_count("CompileTime"), sample_count("TransferFromDeviceTime")
+    drop_fractions = [train_step()["moe/drop_fraction"] for _ in range(3)]
+    assert sample_count("CompileTime") - compiles == 0
+    assert sample_count("TransferFromDeviceTime") - transfers == 0
+    # The routing really changed between steps.
+    assert len({fraction.item() for fraction in drop_fractions}) > 1
+
+
+SHARDED_STEP = """
+import glob, sys
+import numpy as np, torch, torch_xla
+import torch_xla.distributed.spmd as xs, torch_xla.runtime as xr
+from transformers import MixtralConfig
+from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+from clm.model import moe
+
+xr.use_spmd()
+mesh = xs.Mesh(np.arange(4), (4,), ("data",))
+torch.manual_seed(0)
+config = MixtralConfig(hidden_size=32, intermediate_size=112, num_local_experts=8, num_experts_per_tok=2)
+moe.configure(config, 1.25)
+block = MixtralSparseMoeBlock(config)
+for parameter in block.parameters():
+    torch.nn.init.normal_(parameter, std=0.2)
+moe.attach(block)
+hidden = torch.randn(8, 24, 32)
+expected = block(hidden)
+block = block.to(torch_xla.device())
+sharded = hidden.to(torch_xla.device())
+xs.mark_sharding(sharded, mesh, ("data", None, None))
+output = block(sharded)
+output.square().sum().backward()
+grads = [p.grad for p in block.parameters()]  # alive at the sync, so in the step graph
+torch_xla.sync()
+torch.testing.assert_close(output.cpu(), expected, rtol=0, atol=1e-5)
+step_graphs = glob.glob(sys.argv[1] + "/*SyncTensorsGraph*after_optimizations.txt")
+hlo = "".join(open(f).read() for f in step_graphs)
+assert "dot(" in hlo
+for collective in ("all-gather(", "all-to-all(", "collective-permute("):
+    assert collective not in hlo, collective
+print("ok")
+"""
+
+
+def test_batch_sharded_moe_stays_local_under_spmd(tmp_path):
+    """Sequences sharded over 4 devices: same output, and the compiled step moves no tokens
+    between devices (only the weight gradients are all-reduced). A separate process, because
+    SPMD mode cannot be switched off again."""
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(
+        os.environ,
+        PJRT_DEVICE="CPU",
+        CPU_NUM_DEVICES="4",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        XLA_FLAGS=f"--xla_dump_to={tmp_path} --xla_dump_hlo_as_text",
+        PYTHONPATH=os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")])),
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", SHARDED_STEP, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
