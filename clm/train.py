@@ -122,10 +122,10 @@ class Trainer:
         lm_losses, aux_losses, tokens = [], [], []
         for micro_step in range(accum):
             input_ids, labels = self.to_device(next(self.train_batches))
-            loss_sum, num_scored, router_logits = self.compute_loss(input_ids, labels, training=True)
+            loss_sum, num_scored = self.compute_loss(input_ids, labels)
             lm_loss = loss_sum / num_scored
             aux_loss = moe.load_balancing_loss(
-                router_logits, self.hf_config.num_local_experts, self.hf_config.num_experts_per_tok
+                moe.router_logits(self.model), self.hf_config.num_local_experts, self.hf_config.num_experts_per_tok
             )
             ((lm_loss + coef * aux_loss) / accum).backward()
             lm_losses.append(lm_loss.detach())
@@ -165,7 +165,7 @@ class Trainer:
         with torch.no_grad():
             for batch in self.eval_set.batches():
                 input_ids, labels = self.to_device(batch)
-                loss_sum, num_scored, _ = self.compute_loss(input_ids, labels, training=False)
+                loss_sum, num_scored = self.compute_loss(input_ids, labels)
                 loss_sums.append(loss_sum)
                 counts.append(num_scored)
                 torch_xla.sync()
@@ -183,21 +183,20 @@ class Trainer:
 
     # --------------------------------------------------------------- helpers
 
-    def compute_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, training: bool):
-        """Next-token loss terms: (sum of token losses, number of scored tokens, router logits).
+    def compute_loss(self, input_ids: torch.Tensor, labels: torch.Tensor):
+        """Next-token loss terms: (sum of token losses, number of scored tokens).
 
         Sums rather than a mean, so that eval weights every token of the validation set equally.
         """
         import torch_xla.distributed.spmd as xs
 
-        outputs = self.model.model(input_ids=input_ids, output_router_logits=training)
-        logits = self.model.lm_head(outputs.last_hidden_state)
+        logits = self.model(input_ids=input_ids).logits
         xs.mark_sharding(logits, self.mesh, parallel.logits_spec())
         ignore = self.cfg.pad_token_id
         shift_logits = logits[:, :-1, :].float().reshape(-1, logits.shape[-1])
         shift_labels = labels[:, 1:].reshape(-1)
         loss_sum = F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore, reduction="sum")
-        return loss_sum, (shift_labels != ignore).sum(), outputs.router_logits
+        return loss_sum, (shift_labels != ignore).sum()
 
     def to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Host arrays of this process's rows -> one global array sharded on batch."""

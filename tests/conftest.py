@@ -9,3 +9,9 @@ os.environ.setdefault("PJRT_DEVICE", "CPU")
 os.environ.setdefault("CPU_NUM_DEVICES", "8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
+
+# Start XLA's runtime before any test runs a backward: a CPU backward that runs first,
+# under SPMD, otherwise trips an internal assert of the autograd engine.
+import torch_xla.runtime  # noqa: E402
+
+torch_xla.runtime.global_runtime_device_count()

@@ -28,6 +28,7 @@ MESHES = {
     "fsdp2_ep4": ["expert_parallelism=4"],
     "fsdp2_tp2_ep2": ["tensor_parallelism=2", "expert_parallelism=2"],
     "dcn2_fsdp4": ["num_slices=2"],
+    "fsdp8_checkpointed": ["model.fsdp_config.xla_fsdp_grad_ckpt=true"],
 }
 
 
@@ -58,6 +59,35 @@ def test_every_mesh_trains_to_the_one_device_losses(tmp_path, one_device_losses,
         optimized = [p for p in (tmp_path / "hlo").glob("*after_optimizations.txt")]
         assert optimized, "XLA wrote no optimized HLO"
         assert any("all-to-all" in p.read_text() for p in optimized), "expert parallelism without all-to-all"
+
+
+def test_activation_checkpointing_keeps_every_gradient_including_the_routers():
+    """Same weights, same batch: checkpointed layers must give the same gradients. The routers'
+    come only from the load-balancing loss path that reentrant checkpointing would cut."""
+    import torch_xla
+
+    from clm import runtime
+    from clm.model import moe
+    from clm.model.build import build_model
+
+    runtime.setup(None, False)
+    grads = {}
+    for checkpointed in (False, True):
+        cfg = load_config([f"model.fsdp_config.xla_fsdp_grad_ckpt={checkpointed}", "max_length=32"], num_devices=8)
+        hf_config = load_model_config(cfg)
+        shape = parallel.mesh_shape(8, 1, 1, 1)
+        mesh = parallel.build_mesh(shape)
+        model = build_model(cfg, hf_config, lambda m: parallel.shard_parameters(m, mesh, cfg.sharding, shape))
+        input_ids = torch.arange(8 * 32).reshape(8, 32).remainder(1000).to(torch_xla.device())
+        logits = model(input_ids=input_ids).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
+        aux = moe.load_balancing_loss(moe.router_logits(model), hf_config.num_local_experts, hf_config.num_experts_per_tok)
+        (loss + hf_config.router_aux_loss_coef * aux).backward()
+        torch_xla.sync()
+        grads[checkpointed] = {name: p.grad.cpu() for name, p in model.named_parameters()}
+    assert grads[True].keys() == grads[False].keys()
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, rtol=1e-5, atol=1e-8, msg=name)
 
 
 def tile_shapes(overrides: list[str]) -> dict[str, str]:

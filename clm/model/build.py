@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import MethodType
 
 import torch
 from omegaconf import DictConfig
@@ -87,11 +88,17 @@ def build_model(cfg: DictConfig, hf_config: MixtralConfig, place_parameters) -> 
 
 
 def checkpoint_layers(model: torch.nn.Module, class_names) -> None:
-    """Recompute each decoder layer's activations in backward (torch_xla's checkpoint, which adds
-    the optimization barriers that stop XLA from fusing the recomputation away), and put a
-    barrier on each layer's gradients so XLA does not hold all layers' gradient buffers at once."""
+    """Recompute each decoder layer in the backward pass (activation checkpointing).
+
+    torch_xla's checkpoint adds the optimization barriers that stop XLA from merging the
+    recomputation back into the forward (which would keep every activation after all), and
+    a backward barrier on each layer's gradients keeps XLA from holding all of them at once.
+    It is reentrant: the forward runs without autograd, so router logits recorded inside it
+    would carry no graph and the load-balancing loss would silently train nothing. The
+    checkpointed function therefore returns the layer's router logits as extra outputs,
+    which do carry the graph, and they replace the recorded ones.
+    """
     import torch_xla.distributed.spmd as xs
-    from torch_xla.distributed.fsdp import checkpoint_module
 
     layers = [m for m in model.modules() if type(m).__name__ in set(class_names)]
     if not layers:
@@ -100,5 +107,27 @@ def checkpoint_layers(model: torch.nn.Module, class_names) -> None:
             "use ['MixtralDecoderLayer']"
         )
     for layer in layers:
-        checkpoint_module(layer)
+        layer.uncheckpointed_forward = layer.forward
+        # Bound to the layer, so torch_xla puts the layer's weights behind the barrier too.
+        layer.run_checkpointed = MethodType(_run_layer, layer)
+        layer.forward = MethodType(_checkpointed_forward, layer)
         xs.apply_backward_optimization_barrier(layer)
+
+
+def _run_layer(layer, num_args: int, num_kwargs: int, *packed):
+    args, keys, values = packed[:num_args], packed[num_args:num_args + num_kwargs], packed[num_args + num_kwargs:]
+    hidden_states = layer.uncheckpointed_forward(*args, **dict(zip(keys, values)))
+    return (hidden_states, *moe.router_logits(layer))
+
+
+def _checkpointed_forward(layer, *args, **kwargs):
+    from torch_xla.utils.checkpoint import checkpoint
+
+    if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in (*args, *kwargs.values())):
+        return layer.uncheckpointed_forward(*args, **kwargs)  # eval: nothing to recompute
+    # torch_xla's checkpoint takes positional arguments only.
+    hidden_states, *router_logits = checkpoint(
+        layer.run_checkpointed, len(args), len(kwargs), *args, *kwargs.keys(), *kwargs.values()
+    )
+    moe.set_router_logits(layer, tuple(router_logits))
+    return hidden_states
