@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from clm import data, parallel, runtime
+from clm import checkpoint, data, parallel, runtime
 from clm.metrics import MetricsWriter, mfu, reference_flops_per_token, training_flops_per_token
 from clm.model import attention, moe
 from clm.model.build import build_model, load_model_config
@@ -40,6 +40,7 @@ class Summary:
     flops_per_token: float = 0.0
     mfu: float | None = None
     compiles: int = 0
+    skipped_lines: int = 0  # corrupt JSON lines in this host's data files
     wall_seconds: float = 0.0
 
     @property
@@ -53,6 +54,7 @@ class Trainer:
         import torch_xla.runtime as xr
         from torch_xla.distributed.spmd.xla_sharding import MarkShardingFunction
 
+        runtime.setup(cfg.local_compile_cache_dir, cfg.full_precision)
         self.cfg = cfg
         self.hf_config = hf_config
         self.num_devices = mesh_shape.num_devices
@@ -61,7 +63,7 @@ class Trainer:
         if self.is_main:
             OmegaConf.save(cfg, os.path.join(cfg.run_dir, "config.yaml"), resolve=True)
 
-        self.tokenizer = data.load_tokenizer(cfg.model.tokenizer_name_or_path)
+        self.tokenizer = data.load_tokenizer(cfg.model.tokenizer_name_or_path, cfg.cache_local_dir)
 
         self.mesh = parallel.build_mesh(mesh_shape)
         # Several hosts each pass their own rows (minibatch); one host passes the whole batch.
@@ -73,11 +75,14 @@ class Trainer:
         attention.set_partitioning(self.mesh, (parallel.DATA_AXES, "tensor", None, None))
         self.model = build_model(
             cfg, hf_config, lambda m: parallel.shard_parameters(m, self.mesh, cfg.sharding, mesh_shape))
+        if cfg.checkpoint_manager_path:
+            checkpoint.restore_model_weights(self.model, cfg.checkpoint_manager_path)
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer)
 
         process = dict(process_index=xr.process_index(), process_count=xr.process_count())
         self.train_batches = data.build_train_stream(cfg, self.tokenizer, **process)
+        self.train_batches.start()  # fills the shuffle buffer while the first step compiles
         self.eval_set = data.build_eval_set(cfg, self.tokenizer, **process)
 
         self.metrics = MetricsWriter(cfg.run_dir, enabled=self.is_main)
@@ -100,7 +105,10 @@ class Trainer:
         if cfg.do_first_eval:
             self.evaluate()
         while self._step < cfg.max_steps and self.summary.stop_reason != "target_reached":
-            self.train_step()
+            if self._step + 1 == cfg.xla_profile_step:
+                self.profile_step()
+            else:
+                self.train_step()
             progress.update(1)
             if self._step % cfg.eval_frequency == 0:
                 self.evaluate()
@@ -108,6 +116,8 @@ class Trainer:
         self.summary.steps = self._step
         self.summary.wall_seconds = time.perf_counter() - started
         self.summary.compiles = compile_count()
+        self.summary.skipped_lines = self.train_batches.stats["skipped_lines"] + self.eval_set.stats["skipped_lines"]
+        self.train_batches.close()
         self.metrics.close()
         return self.summary
 
@@ -156,6 +166,17 @@ class Trainer:
             xm.add_step_closure(self._log_train, args=(self._step, lr, device_values))
         torch_xla.sync()
 
+    def profile_step(self) -> None:
+        """One train step under torch_xla's profiler, into run_dir/profile (view with TensorBoard)."""
+        import torch_xla.core.xla_model as xm
+        import torch_xla.debug.profiler as xp
+
+        xp.start_trace(os.path.join(self.cfg.run_dir, "profile"))
+        self.train_step()
+        xm.wait_device_ops()  # the trace must cover the device's execution, not just its launch
+        xp.stop_trace()
+        tqdm.write(f"step {self._step}: profile written to {self.cfg.run_dir}/profile", file=sys.stdout)
+
     def evaluate(self) -> None:
         """Token-weighted mean loss over every scored label of the validation set."""
         import torch_xla
@@ -173,7 +194,11 @@ class Trainer:
         self.model.train()
 
         self.summary.eval_loss = eval_loss
-        self.metrics.write(self._step, {"eval/loss": eval_loss, "eval/num_tokens": self.eval_set.num_tokens})
+        self.metrics.write(self._step, {
+            "eval/loss": eval_loss,
+            "eval/num_tokens": self.eval_set.num_tokens,
+            "data/eval_skipped_lines": self.eval_set.stats["skipped_lines"],
+        })
         tqdm.write(f"step {self._step}: eval/loss={eval_loss:.4f}", file=sys.stdout)
         target = self.cfg.target_eval_loss
         if target > 0 and eval_loss <= target:
@@ -221,6 +246,7 @@ class Trainer:
             "perf/tokens_per_sec": tokens_per_sec,
             "perf/mfu": mfu(self.flops_per_token, tokens_per_sec, self.num_devices, self.device_kind),
             "perf/reference_mfu": mfu(self.reference_flops_per_token, tokens_per_sec, self.num_devices, self.device_kind),
+            "data/skipped_lines": self.train_batches.stats["skipped_lines"],
         })
         self.metrics.write(step, values)
         self.summary.train_loss = values["train/loss"]
@@ -256,6 +282,7 @@ def print_summary(cfg: DictConfig, summary: Summary) -> None:
         "tokens_per_s": tokens_per_sec,
         "mfu": summary.mfu,
         "compiles": summary.compiles,
+        "skipped_lines": summary.skipped_lines,
         "wall_s": summary.wall_seconds,
         "run_dir": cfg.run_dir,
     }
@@ -274,12 +301,13 @@ def train(cfg: DictConfig) -> Summary:
     """Check every input, then train. Nothing is written or compiled before the checks pass."""
     num_devices = runtime.device_count()
     data.validate_dataset(cfg)
+    if cfg.checkpoint_manager_path:
+        checkpoint.check_path(cfg.checkpoint_manager_path)
     hf_config = load_model_config(cfg)
     slices = parallel.runtime_num_slices() if cfg.num_slices == -1 else cfg.num_slices
     mesh_shape = parallel.mesh_shape(num_devices, cfg.tensor_parallelism, cfg.expert_parallelism, slices)
     parallel.check_model_fits_mesh(mesh_shape, hf_config)
     parallel.check_multihost_input(mesh_shape)
-    runtime.setup(cfg.local_compile_cache_dir, cfg.full_precision)
     summary = Trainer(cfg, hf_config, mesh_shape).train()
     print_summary(cfg, summary)
     return summary

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 import torch_xla.debug.metrics as met
 from omegaconf import OmegaConf
 
@@ -31,7 +32,7 @@ def rows(cfg):
 
 
 def test_default_job_loss_falls_and_metrics_are_documented(tmp_path):
-    cfg = config(tmp_path, "max_steps=16", "eval_frequency=8", "do_first_eval=true")
+    cfg = config(tmp_path, "max_steps=16", "eval_frequency=8", "do_first_eval=true", "xla_profile_step=3")
     summary = train(cfg)
 
     metrics = rows(cfg)
@@ -50,6 +51,7 @@ def test_default_job_loss_falls_and_metrics_are_documented(tmp_path):
     assert summary.steps == 16 and summary.stop_reason == "max_steps"
     assert summary.eval_loss == evals[-1]["eval/loss"]
 
+    assert list((tmp_path / cfg.exp_name / "profile").rglob("*.xplane.pb")), "no profile of step 3"
     saved = OmegaConf.load(f"{cfg.run_dir}/config.yaml")
     assert saved.global_train_batch_size == 8 and saved.run_dir == cfg.run_dir
     assert list((tmp_path / cfg.exp_name / "tensorboard").glob("events.out.tfevents.*"))
@@ -108,3 +110,32 @@ def test_after_warmup_no_recompilation_and_no_host_transfer_outside_log_steps(tm
             assert count("TransferFromDeviceTime") == transfers, f"step {step} read from the device"
         else:
             assert count("TransferFromDeviceTime") > transfers, f"log step {step} logged nothing"
+
+
+def test_checkpoint_manager_path_starts_from_the_saved_weights(tmp_path):
+    """The reference's initial-weights checkpoint: CheckpointManager.save(0, {"model": ...})."""
+    from clm.checkpoint import checkpoint_manager
+    from clm.model.build import load_model_config
+    from clm.parallel import mesh_shape
+
+    def build(cfg):
+        trainer = Trainer(cfg, load_model_config(cfg), mesh_shape(runtime.device_count(), 1, 1, 1))
+        trainer.train_batches.close()
+        return {name: p.detach().cpu() for name, p in trainer.model.named_parameters()}, trainer
+
+    saved, trainer = build(config(tmp_path / "source", "seed=7"))
+    checkpoint_manager(str(tmp_path / "weights")).save(0, {"model": trainer.model.state_dict()}, force=True)
+
+    fresh, _ = build(config(tmp_path / "fresh", "seed=0"))
+    restored, _ = build(config(tmp_path / "restored", "seed=0", f"checkpoint_manager_path={tmp_path / 'weights'}"))
+    assert not torch.equal(fresh["lm_head.weight"], saved["lm_head.weight"])
+    for name, value in saved.items():
+        assert torch.equal(restored[name], value), name
+
+
+def test_missing_checkpoint_manager_path_is_one_line_before_anything_runs(tmp_path):
+    from clm.errors import UserError
+
+    with pytest.raises(UserError, match=r"checkpoint_manager_path=.*no_such_dir: no such directory"):
+        train(config(tmp_path, f"checkpoint_manager_path={tmp_path / 'no_such_dir'}"))
+    assert not (tmp_path / "moe_trial").exists()
