@@ -1,17 +1,34 @@
-"""Train Mixtral on PyTorch/XLA: `python run_clm.py [hydra overrides]` (see README.md)."""
+"""Train Mixtral on PyTorch/XLA with the MLPerf reference's knobs (see README.md).
+
+usage: python run_clm.py [KEY=VALUE ...] [+experiment=NAME] [--cfg] [--help]
+
+  KEY=VALUE     any knob of clm/conf/config.yaml, e.g. max_steps=10 model.capacity_factor=0
+  GROUP=OPTION  a config group: {groups}
+  --cfg         print the resolved config and exit
+Related: python -m clm.plan TOPOLOGY [overrides]    python -m clm.data.check [overrides]
+"""
 
 import sys
 
 from clm.errors import UserError
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
     # Config first, heavy imports after: a typo is reported before torch and XLA load.
-    from clm.config import load_config
+    from clm.config import config_groups, load_config
     from clm.runtime import device_count
 
+    if "--help" in argv or "-h" in argv:
+        groups = "; ".join(f"{group}={'|'.join(options)}" for group, options in config_groups().items())
+        print(__doc__.format(groups=groups).strip())
+        return 0
     try:
-        cfg = load_config(sys.argv[1:], num_devices=device_count)
+        cfg = load_config([a for a in argv if a != "--cfg"], num_devices=device_count)
+        if "--cfg" in argv:
+            from omegaconf import OmegaConf
+
+            print(OmegaConf.to_yaml(cfg), end="")
+            return 0
         from clm.train import train
 
         train(cfg)
@@ -22,4 +39,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

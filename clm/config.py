@@ -267,6 +267,12 @@ def _schema_type(full_key: str):
     return args[0] if args else typ
 
 
+def config_groups() -> dict[str, list[str]]:
+    """Each config group under clm/conf and its options."""
+    return {group.name: sorted(p.stem for p in group.glob("*.yaml"))
+            for group in sorted(CONF_DIR.iterdir()) if group.is_dir() and any(group.glob("*.yaml"))}
+
+
 def _composition_error(e: Exception) -> str:
     msg = str(e).strip()
     first = msg.splitlines()[0] if msg else type(e).__name__
@@ -277,7 +283,7 @@ def _composition_error(e: Exception) -> str:
         # "In 'config': Could not find 'sched/Nope'" -> list the group's options.
         missing = first.split("Could not find '")[1].split("'")[0]
         group, _, option = missing.rpartition("/")
-        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")) if group else []
+        options = config_groups().get(group, [])
         if options:
             return f"{group}={option}: no such option; choose one of {', '.join(options)}"
         return f"{missing}: no such config"

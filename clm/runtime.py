@@ -32,7 +32,10 @@ def setup(compile_cache_dir: str | None, full_precision: bool) -> None:
     import torch_xla
     import torch_xla.runtime as xr
 
-    if compile_cache_dir and not torch_xla._XLAC._xla_computation_cache_is_initialized():
+    # XLA's CPU client writes executables but cannot load them back, so there the cache
+    # would only cost disk and warnings.
+    usable = xr.device_type() != "CPU"
+    if compile_cache_dir and usable and not torch_xla._XLAC._xla_computation_cache_is_initialized():
         os.makedirs(compile_cache_dir, exist_ok=True)
         # Only one process per slice writes, as torch_xla recommends for shared caches.
         xr.initialize_cache(compile_cache_dir, readonly=xr.process_index() != 0)

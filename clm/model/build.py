@@ -70,7 +70,6 @@ def build_model(cfg: DictConfig, hf_config: MixtralConfig, place_parameters) -> 
     same values whatever the sharding, so a sharded init equals an unsharded one.
     """
     import torch_xla
-    import torch_xla.core.xla_model as xm
 
     if not cfg.model.config_path:
         raise UserError("loading pretrained weights from model.name_or_path is not supported yet; set model.config_path")
@@ -79,12 +78,36 @@ def build_model(cfg: DictConfig, hf_config: MixtralConfig, place_parameters) -> 
         model = MixtralForCausalLM(hf_config).to(dtype)
     model.to_empty(device=torch_xla.device())
     place_parameters(model)
-    xm.set_rng_state(cfg.seed)
-    model.initialize_weights()
+    initialize_on_device(model, cfg.seed)
     moe.attach(model)
     if cfg.model.fsdp_config.xla_fsdp_grad_ckpt:
         checkpoint_layers(model, cfg.model.fsdp_config.fsdp_transformer_layer_cls_to_wrap)
     return model
+
+
+def initialize_on_device(model: MixtralForCausalLM, seed: int) -> None:
+    """transformers' weight init, run on the XLA devices one module per graph.
+
+    XLA keeps a sharded random init equal to an unsharded one by having every device
+    generate the whole tensor's random bits and keep its slice. In one graph for the whole
+    model that is the full model on every device (141B values for Mixtral-8x22B); one graph
+    per module bounds it by the largest module (one layer's experts).
+    """
+    import torch_xla
+    import torch_xla.core.xla_model as xm
+
+    init_module = model._init_weights
+
+    def init_module_and_run(module: torch.nn.Module) -> None:
+        init_module(module)
+        torch_xla.sync()
+
+    xm.set_rng_state(seed)
+    model._init_weights = init_module_and_run
+    try:
+        model.initialize_weights()
+    finally:
+        del model._init_weights
 
 
 def checkpoint_layers(model: torch.nn.Module, class_names) -> None:
