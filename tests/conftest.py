@@ -10,8 +10,11 @@ os.environ.setdefault("CPU_NUM_DEVICES", "8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
 
-# Start XLA's runtime before any test runs a backward: a CPU backward that runs first,
-# under SPMD, otherwise trips an internal assert of the autograd engine.
+# Every clm process runs XLA in SPMD mode (clm.runtime.setup), so the test session does too,
+# from the start: switching modes later, with XLA tensors already alive, can crash XLA.
+# Starting the runtime first also keeps a CPU backward that runs first under SPMD from
+# tripping an internal assert of the autograd engine.
 import torch_xla.runtime  # noqa: E402
 
 torch_xla.runtime.global_runtime_device_count()
+torch_xla.runtime.use_spmd()
