@@ -10,10 +10,10 @@ Related: python -m clm.plan TOPOLOGY [overrides]    python -m clm.data.check [ov
 
 import sys
 
-from clm.errors import UserError
+from clm.errors import run_command
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str]) -> None:
     # Config first, heavy imports after: a typo is reported before torch and XLA load.
     from clm.config import config_groups, load_config
     from clm.runtime import device_count
@@ -21,22 +21,17 @@ def main(argv: list[str]) -> int:
     if "--help" in argv or "-h" in argv:
         groups = "; ".join(f"{group}={'|'.join(options)}" for group, options in config_groups().items())
         print(__doc__.format(groups=groups).strip())
-        return 0
-    try:
-        cfg = load_config([a for a in argv if a != "--cfg"], num_devices=device_count)
-        if "--cfg" in argv:
-            from omegaconf import OmegaConf
+        return
+    cfg = load_config([a for a in argv if a != "--cfg"], num_devices=device_count)
+    if "--cfg" in argv:
+        from omegaconf import OmegaConf
 
-            print(OmegaConf.to_yaml(cfg), end="")
-            return 0
-        from clm.train import train
+        print(OmegaConf.to_yaml(cfg), end="")
+        return
+    from clm.train import train
 
-        train(cfg)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    train(cfg)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_command(lambda: main(sys.argv[1:])))

@@ -1,10 +1,23 @@
-"""The one exception type for bad input.
+"""The one exception type for bad input, and how command-line entry points report it.
 
-Anything raised as UserError reaches the user as a single line on stderr and a non-zero
-exit, with no traceback (see run_clm.py). Its message must name the knob or path and say
-what would work. Everything else is a bug and keeps its traceback.
+Anything raised as UserError reaches the user as a single line on stderr and exit code 2,
+with no traceback. Its message must name the knob or path and say what would work.
+Everything else is a bug and keeps its traceback.
 """
+
+import sys
+from typing import Callable
 
 
 class UserError(Exception):
     """Bad input: a config value, a path, a data file. The message is shown as is."""
+
+
+def run_command(command: Callable[[], object]) -> int:
+    """Run a command-line entry point: exit code 0, or 2 with one `error:` line on bad input."""
+    try:
+        command()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig
 
-from clm.errors import UserError
+from clm.errors import UserError, run_command
 from clm.parallel import MeshShape, check_model_fits_mesh, mesh_shape, plan_parameters
 
 GB = 1e9
@@ -137,7 +137,7 @@ def print_plan(cfg: DictConfig, topology: Topology) -> dict[str, float]:
     }
     total = sum(totals.values())
     usable = USABLE_FRACTION * topology.hbm_gb * GB
-    print(f"\nPer chip (GB): " + ", ".join(f"{k} {v / GB:.2f}" for k, v in totals.items())
+    print("\nPer chip (GB): " + ", ".join(f"{k} {v / GB:.2f}" for k, v in totals.items())
           + f" (activations: layer inputs {activations['layer_inputs'] / GB:.2f}, one layer "
           f"{activations['one_layer'] / GB:.2f}, logits {activations['logits'] / GB:.2f})")
     verdict = "fits" if total <= usable else "does NOT fit"
@@ -151,19 +151,17 @@ def print_plan(cfg: DictConfig, topology: Topology) -> dict[str, float]:
 
 
 def main(argv: list[str]) -> int:
+    """`python -m clm.plan TOPOLOGY [overrides]`: 0, or 2 with one error line."""
+    return run_command(lambda: _plan(argv))
+
+
+def _plan(argv: list[str]) -> None:
     from clm.config import load_config
 
     if not argv or argv[0].startswith("-") or "=" in argv[0]:
-        print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
-        return 2
-    try:
-        topology = parse_topology(argv[0])
-        cfg = load_config(argv[1:], num_devices=topology.chips)
-        print_plan(cfg, topology)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        raise UserError("usage: python -m clm.plan TOPOLOGY [overrides], e.g. python -m clm.plan v5p-256 +experiment=gbs256_tpu")
+    topology = parse_topology(argv[0])
+    print_plan(load_config(argv[1:], num_devices=topology.chips), topology)
 
 
 if __name__ == "__main__":

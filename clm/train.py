@@ -37,7 +37,6 @@ class Summary:
     train_loss: float | None = None
     step_times: list[float] = field(default_factory=list)
     tokens_per_step: int = 0
-    flops_per_token: float = 0.0
     mfu: float | None = None
     compiles: int = 0
     skipped_lines: int = 0  # corrupt JSON lines in this host's data files
@@ -90,9 +89,7 @@ class Trainer:
         self.flops_per_token = training_flops_per_token(self.hf_config, cfg.max_length)
         self.reference_flops_per_token = reference_flops_per_token(self.hf_config, num_params)
         self.device_kind = runtime.device_kind()
-        self.summary = Summary(
-            tokens_per_step=cfg.global_train_batch_size * cfg.max_length, flops_per_token=self.flops_per_token
-        )
+        self.summary = Summary(tokens_per_step=cfg.global_train_batch_size * cfg.max_length)
         self._last_log = (0, time.perf_counter())  # (step, time) of the last train row
         self._step = 0
 
@@ -257,10 +254,9 @@ class Trainer:
 
 def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     """The total gradient norm before clipping; clips only when max_grad_norm > 0 (as the reference)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
     if max_norm > 0:
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    return torch.nn.utils.get_total_norm(grads)
+    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
 
 
 def compile_count() -> int:

@@ -125,3 +125,16 @@ def test_cli_bad_input_is_one_line_nonzero_exit_no_traceback_and_keeps_old_files
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and names in error_lines[0], result.stderr
     assert (run_dir / "config.yaml").read_text() == "sentinel: from a good run\n"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [('{"model_type": "llama", "hidden_size": 8}', "model_type is 'llama'"), ("{not json", "not valid JSON")],
+)
+def test_model_config_that_is_not_a_mixtral_json_is_one_user_error(tmp_path, text, message):
+    from clm.model.build import load_model_config
+
+    (tmp_path / "model.json").write_text(text)
+    with pytest.raises(UserError, match=message) as info:
+        load_model_config(load_config([f"model.config_path={tmp_path / 'model.json'}"], num_devices=4))
+    assert "\n" not in str(info.value)

@@ -17,7 +17,7 @@ from clm.data.eval_set import build_eval_set
 from clm.data.sources import FileListing, list_split
 from clm.data.tokenizer import load_tokenizer
 from clm.data.train_stream import build_train_stream
-from clm.errors import UserError
+from clm.errors import run_command
 
 SHOWN_PATHS = 5
 SHOWN_CHARS = 300
@@ -65,13 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", type=int, default=2, help="packed training blocks to decode")
     parser.add_argument("overrides", nargs="*", help="hydra overrides, as for run_clm.py")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.overrides, num_devices=args.num_devices)
-        check(cfg, args.blocks)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: check(load_config(args.overrides, num_devices=args.num_devices), args.blocks))
 
 
 if __name__ == "__main__":

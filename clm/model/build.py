@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import MethodType
 
 import torch
 from omegaconf import DictConfig
-from transformers import AutoConfig, MixtralConfig, MixtralForCausalLM
+from transformers import MixtralConfig, MixtralForCausalLM
 
 from clm.errors import UserError
 from clm.model import attention, moe
@@ -32,23 +33,19 @@ def resolve_config_path(path: str) -> Path:
 
 def load_model_config(cfg: DictConfig) -> MixtralConfig:
     """The transformers config for cfg.model, checked against the run's sequence length."""
-    if cfg.model.config_path:
-        source = str(resolve_config_path(cfg.model.config_path))
-        hf_config = MixtralConfig.from_json_file(source)
-        knob = f"model.config_path={cfg.model.config_path}"
-    elif cfg.model.name_or_path:
-        try:
-            hf_config = AutoConfig.from_pretrained(cfg.model.name_or_path, cache_dir=cfg.cache_local_dir)
-        except OSError as e:
-            raise UserError(
-                f"model.name_or_path={cfg.model.name_or_path}: cannot load its config ({str(e).splitlines()[0]}); "
-                "give a local directory or set model.config_path"
-            ) from None
-        knob = f"model.name_or_path={cfg.model.name_or_path}"
-    else:
-        raise UserError("set model.config_path (a model JSON) or model.name_or_path (pretrained weights)")
-    if hf_config.model_type != "mixtral":
-        raise UserError(f"{knob}: model_type is {hf_config.model_type!r}; clm trains Mixtral (model_type 'mixtral')")
+    if not cfg.model.config_path:
+        raise UserError(
+            "model.config_path is required (a model JSON, e.g. mixtral822.json); start from pretrained weights "
+            "with checkpoint_manager_path, as the reference does on TPU"
+        )
+    knob = f"model.config_path={cfg.model.config_path}"
+    try:
+        fields = json.loads(resolve_config_path(cfg.model.config_path).read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{knob}: not valid JSON ({e})") from None
+    if fields.get("model_type") != "mixtral":
+        raise UserError(f"{knob}: model_type is {fields.get('model_type')!r}; clm trains Mixtral (model_type 'mixtral')")
+    hf_config = MixtralConfig.from_dict(fields)
 
     limit = hf_config.max_position_embeddings
     for key in ("max_length", "model.max_sequence_length"):
@@ -71,8 +68,6 @@ def build_model(cfg: DictConfig, hf_config: MixtralConfig, place_parameters) -> 
     """
     import torch_xla
 
-    if not cfg.model.config_path:
-        raise UserError("loading pretrained weights from model.name_or_path is not supported yet; set model.config_path")
     dtype = getattr(torch, cfg.model.dtype)
     with torch.device("meta"):
         model = MixtralForCausalLM(hf_config).to(dtype)

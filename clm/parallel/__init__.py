@@ -1,7 +1,6 @@
-"""Mesh, sharding rules, activation checkpointing and the memory planner."""
+"""Mesh and sharding rules."""
 
 from clm.parallel.mesh import (
-    AXES,
     DATA_AXES,
     MeshShape,
     build_mesh,
@@ -11,10 +10,14 @@ from clm.parallel.mesh import (
     runtime_num_slices,
 )
 from clm.parallel.sharding import (
-    ParameterSharding,
     batch_spec,
     expert_activation_spec,
     logits_spec,
     plan_parameters,
     shard_parameters,
 )
+
+__all__ = [
+    "DATA_AXES", "MeshShape", "build_mesh", "check_model_fits_mesh", "check_multihost_input", "mesh_shape",
+    "runtime_num_slices", "batch_spec", "expert_activation_spec", "logits_spec", "plan_parameters", "shard_parameters",
+]
