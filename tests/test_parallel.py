@@ -166,6 +166,9 @@ def test_bad_mesh_is_a_config_error(overrides, message):
 
 
 def test_mesh_that_splits_heads_or_experts_unevenly_is_an_error(tmp_path):
+    cfg = load_config(["tensor_parallelism=8"], num_devices=8)
+    with pytest.raises(UserError, match=r"tensor_parallelism=8 must divide num_attention_heads=4"):
+        parallel.check_model_fits_mesh(parallel.mesh_shape(8, 8, 1, 1), load_model_config(cfg))
     cfg = load_config(["tensor_parallelism=4"], num_devices=8)
     with pytest.raises(UserError, match=r"tensor_parallelism=4 must divide num_key_value_heads=2"):
         parallel.check_model_fits_mesh(parallel.mesh_shape(8, 4, 1, 1), load_model_config(cfg))
