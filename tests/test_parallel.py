@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import MixtralForCausalLM
 
 from clm import parallel
 from clm.config import load_config
@@ -210,6 +211,10 @@ def test_plan_for_mixtral_8x22b_on_v5p_256(capsys):
     summary = dict(kv.split("=") for kv in out.strip().splitlines()[-1].split()[1:])
     expected = mixtral_params(L=56, H=6144, I=16384, E=8, V=32000, Hq=48, Hkv=8, d=128)
     assert expected == 140_620_634_112  # Mixtral-8x22B: "141B"
+    hf_config = load_model_config(load_config(["+experiment=gbs256_tpu"], num_devices=128))
+    with torch.device("meta"):
+        model = MixtralForCausalLM(hf_config)
+    assert sum(p.numel() for p in model.parameters()) == expected
     assert float(summary["params_b"]) == pytest.approx(expected / 1e9, abs=0.005)
     assert summary["chips"] == "128" and summary["hbm_gb"] == "95.00"
     # fsdp over 128 chips: 141B bf16 parameters are 2.2 GB per chip, and so are the gradients.
