@@ -210,6 +210,12 @@ def _validate(cfg: DictConfig, num_devices: int) -> None:
         raise UserError(f"full_precision=true needs model.dtype=float32 (got {cfg.model.dtype})")
     if not 0 <= cfg.sched.warmup_ratio <= 1:
         raise UserError(f"sched.warmup_ratio={cfg.sched.warmup_ratio}: must be within [0, 1]")
+    if "://" in cfg.run_dir:
+        # TensorBoard, tqdm and the profiler write with plain file I/O.
+        raise UserError(
+            f"run_dir={cfg.run_dir}: must be a local directory; set output_dir to a local path "
+            "(on GKE, a Cloud Storage FUSE mount of the bucket)"
+        )
 
     # The mesh must divide the devices, and every micro-batch must split over its data axes.
     slices = 1 if cfg.num_slices == -1 else cfg.num_slices  # -1: as the runtime reports, checked at start

@@ -1,7 +1,8 @@
 """Local paths and gs:// URLs behind one small API.
 
-Everything that reads or writes files (data, checkpoints, logs) goes through here, so a
-run directory or a dataset can live on local disk or in Google Cloud Storage alike.
+The data pipeline reads through here, so a dataset can live on local disk or in Google
+Cloud Storage alike. (Checkpoints go through torch_xla's CheckpointManager, which
+reaches gs:// by fsspec.)
 GCS goes through google-cloud-storage, which honours STORAGE_EMULATOR_HOST (tests point
 it at gcp-storage-emulator). Objects are streamed in chunks, never downloaded whole.
 
@@ -53,7 +54,7 @@ def open(path: str, mode: str = "rb") -> IO:  # noqa: A001 - mirrors builtins.op
             return builtins.open(path, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
         except FileNotFoundError:
             if mode.startswith("w"):
-                raise  # a missing parent directory: the caller's bug (see makedirs)
+                raise  # a missing parent directory: the caller's bug
             raise UserError(f"{path}: no such file") from None
         except PermissionError:
             raise UserError(f"{path}: permission denied for this user") from None
@@ -129,12 +130,6 @@ def size(path: str) -> int:
     if blob is None:
         raise _not_found(path)
     return blob.size
-
-
-def makedirs(path: str) -> None:
-    """Create a local directory and its parents; GCS has no directories, so a no-op there."""
-    if not is_gcs(path):
-        os.makedirs(path, exist_ok=True)
 
 
 # ------------------------------------------------------------------------------ GCS

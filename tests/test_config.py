@@ -89,6 +89,7 @@ def test_device_count_is_not_needed_to_report_a_typo():
         (["+experiment=nope"], "gbs256_tpu"),
         (["model.dtype=int8"], "model.dtype"),
         (["sched=CosineAnnealing", "sched.min_lr=1"], "sched.min_lr"),
+        (["output_dir=gs://bucket/runs"], "run_dir=gs://bucket/runs/moe_trial"),
     ],
 )
 def test_bad_config_is_one_user_error_naming_the_knob(overrides, names):
