@@ -48,6 +48,11 @@ def one_device_losses(tmp_path_factory):
     return run_training(tmp_path_factory.mktemp("one_device"), "one_device", 1, [])
 
 
+def test_one_device_losses_equal_the_golden_file(one_device_losses):
+    golden = json.loads((REPO / "tests/golden/tiny_fp32_3steps.json").read_text())
+    assert one_device_losses == pytest.approx(golden["train/loss"], rel=1e-4)
+
+
 @pytest.mark.parametrize("mesh", MESHES)
 def test_every_mesh_trains_to_the_one_device_losses(tmp_path, one_device_losses, mesh):
     env = {}
