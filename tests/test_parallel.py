@@ -164,6 +164,10 @@ def test_each_kind_of_parameter_gets_its_partition_spec(mesh):
         (["tensor_parallelism=2", "global_train_batch_size=6"], "data-parallel devices (4)"),
         (["tensor_parallelism=2", "expert_parallelism=2", "global_eval_batch_size=2"], "global_eval_batch_size=2"),
         (["num_slices=3"], "num_slices=3"),
+        (["tensor_parallelism=4", "expert_parallelism=4"],
+         "tensor_parallelism x expert_parallelism = 16 must divide the device count (8)"),
+        (["num_slices=2", "tensor_parallelism=4", "expert_parallelism=2"],
+         "must divide the devices of one slice (4 = 8 devices / num_slices=2)"),
     ],
 )
 def test_bad_mesh_is_a_config_error(overrides, message):

@@ -48,16 +48,11 @@ def mesh_shape(num_devices: int, tensor_parallelism: int, expert_parallelism: in
         if value < 1 or num_devices % value:
             raise UserError(f"{knob}={value} must be a positive divisor of the device count ({num_devices})")
     model_parallel = tensor_parallelism * expert_parallelism
-    if num_devices % model_parallel:
-        raise UserError(
-            f"tensor_parallelism x expert_parallelism = {model_parallel} must divide the device count ({num_devices})"
-        )
     per_slice = num_devices // num_slices
     if per_slice % model_parallel:
-        raise UserError(
-            f"tensor_parallelism x expert_parallelism = {model_parallel} must divide the devices of one slice "
-            f"({per_slice} = {num_devices} devices / num_slices={num_slices})"
-        )
+        devices = (f"the device count ({num_devices})" if num_slices == 1 else
+                   f"the devices of one slice ({per_slice} = {num_devices} devices / num_slices={num_slices})")
+        raise UserError(f"tensor_parallelism x expert_parallelism = {model_parallel} must divide {devices}")
     return MeshShape(num_slices, per_slice // model_parallel, expert_parallelism, tensor_parallelism)
 
 
