@@ -117,7 +117,7 @@ def print_plan(cfg: DictConfig, topology: Topology) -> dict[str, float]:
     groups: dict[str, list] = defaultdict(list)
     for entry in plan:
         groups[entry.rule or _group_name(entry.name)].append(entry)
-    print(f"Plan: {cfg.model.config_path or cfg.model.name_or_path} on {topology.name} "
+    print(f"Plan: {cfg.model.config_path} on {topology.name} "
           f"({topology.chips} chips, {topology.hbm_gb:g} GB HBM each), mesh {mesh}, "
           f"{cfg.model.dtype}, S={cfg.max_length}, global batch {cfg.global_train_batch_size}")
     print(f"{'parameter group':<48} {'count':>5}  {'global shape':<22} {'partition spec':<36} {'per device':>11}")

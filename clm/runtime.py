@@ -57,3 +57,12 @@ def device_kind() -> str:
 
     kind = tpu.get_tpu_type()
     return {"v5litepod": "v5e", "v6litepod": "v6e"}.get(kind, kind)
+
+
+def on_tpu(tensor) -> bool:
+    """Whether `tensor` lives on a TPU, where the Pallas kernels run."""
+    if tensor.device.type != "xla":
+        return False
+    import torch_xla.runtime as xr
+
+    return xr.device_type() == "TPU"

@@ -8,10 +8,11 @@ Pallas, so there the same entry point runs PyTorch SDPA, causal, with identical 
 
 from __future__ import annotations
 
-import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.mixtral.modeling_mixtral import repeat_kv
+
+from clm.runtime import on_tpu
 
 # (transformers treats any name containing "flash" as a request for a hub kernel)
 FLASH_ATTENTION = "clm_pallas"
@@ -29,21 +30,13 @@ def configure(hf_config, flash_attention: bool) -> None:
     hf_config._attn_implementation = FLASH_ATTENTION if flash_attention else "sdpa"
 
 
-def _on_tpu(tensor: torch.Tensor) -> bool:
-    if tensor.device.type != "xla":
-        return False
-    import torch_xla.runtime as xr
-
-    return xr.device_type() == "TPU"
-
-
 def flash_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """query [B, Hq, S, d], key/value [B, Hkv, S, d] -> ([B, S, Hq, d], None); always causal.
 
     transformers builds no mask for an implementation it does not know, so attention_mask is None
     here and causality comes from the kernel (Pallas) or from SDPA's is_causal.
     """
-    if not _on_tpu(query):
+    if not on_tpu(query):
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
     from torch_xla.experimental.custom_kernel import flash_attention
 

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from transformers.integrations.moe import ExpertsInterface
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
+from clm.runtime import on_tpu
+
 EXPERTS_IMPLEMENTATION = "clm_capacity"
 
 # Applied to every [B, E, C, *] expert activation; see set_expert_activation_sharding.
@@ -147,7 +149,7 @@ def experts_forward(
     self.expert_load = routed.sum(dim=1)  # [B, E]
     capacity = self.capacity = expert_capacity(sequence_length, top_k, self.num_experts, capacity_factor)
 
-    if capacity_factor <= 0 and _on_tpu(hidden_states) and _fits_gmm_tiles(self, num_tokens * top_k):
+    if capacity_factor <= 0 and on_tpu(hidden_states) and _fits_gmm_tiles(self, num_tokens * top_k):
         from torch_xla.experimental.custom_kernel import GMM
 
         return dropless_grouped_forward(self, hidden_states, top_k_index, top_k_weights, GMM.apply)
@@ -225,14 +227,6 @@ def dropless_grouped_forward(
     output = torch.empty_like(sorted_output).index_copy(0, order, sorted_output)
     weighted = output.view(num_tokens, top_k, hidden_dim) * top_k_weights.unsqueeze(-1)
     return weighted.sum(dim=1).to(hidden_states.dtype)
-
-
-def _on_tpu(tensor: torch.Tensor) -> bool:
-    if tensor.device.type != "xla":
-        return False
-    import torch_xla.runtime as xr
-
-    return xr.device_type() == "TPU"
 
 
 def _fits_gmm_tiles(experts: torch.nn.Module, num_assignments: int) -> bool:
