@@ -8,6 +8,12 @@ Everything else is a bug and keeps its traceback.
 import sys
 from typing import Callable
 
+# Exit codes, defined once: deployment restart policies (helm/, clm.launch) retry
+# EXIT_PREEMPTED and never EXIT_USER_ERROR.
+EXIT_OK = 0
+EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM or the kill switch after a complete checkpoint
+
 
 class UserError(Exception):
     """Bad input: a config value, a path, a data file. The message is shown as is."""
@@ -19,5 +25,5 @@ def run_command(command: Callable[[], object]) -> int:
         command()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_USER_ERROR
+    return EXIT_OK
