@@ -1,7 +1,6 @@
 """clm.model.moe against HF's stock Mixtral experts and a per-token loop, on CPU eager and XLA."""
 
 import copy
-import math
 import os
 import subprocess
 import sys
@@ -94,7 +93,13 @@ def test_matches_hf_eager_on_xla(capacity_factor):
 def test_expert_capacity():
     assert moe.expert_capacity(32768, 2, 8, 1.25) == 10240
     assert moe.expert_capacity(4, 2, 8, 1.25) == 1
-    assert moe.expert_capacity(2, 2, 8, 1.25) == 1  # floor(0.625) = 0 -> 1
+    assert moe.expert_capacity(2, 2, 8, 1.25) == 1  # int(0.625) = 0 -> clm keeps 1
+    assert moe.expert_capacity(3, 2, 8, 1.25) == 1  # int(0.9375) = 0 -> 1
+    assert moe.expert_capacity(13, 2, 8, 1.25) == 4  # int(3.25 * 1.25) = int(4.0625)
+    # The reference's expression multiplies after dividing: (S*K/E)*cf, not S*K*cf/E.
+    for length in range(1, 600):
+        expected = max(1, min(length, int((length * 2 / 8) * 1.3)))
+        assert moe.expert_capacity(length, 2, 8, 1.3) == expected, length
     assert moe.expert_capacity(16, 2, 8, 0.0) == 16  # dropless: S slots
     assert moe.expert_capacity(16, 2, 8, 100.0) == 16  # no queue is longer than S
 
@@ -104,23 +109,29 @@ def test_expert_capacity():
 
 def loop_reference(block: MixtralSparseMoeBlock, hidden: torch.Tensor, capacity_factor: float):
     """Per sequence, walk positions in order and each token's choices in order; an expert
-    takes an assignment while it has fewer than C. Returns the output and the dropped count."""
+    takes an assignment while it has fewer than C; a token whose every choice was dropped
+    passes its input through (the reference's clone of the block input). Returns the output
+    and the dropped count."""
     batch, length, hidden_dim = hidden.shape
     experts = block.experts
     _, weights, index = block.gate(hidden.reshape(-1, hidden_dim))
     weights, index = weights.view(batch, length, TOP_K), index.view(batch, length, TOP_K)
-    capacity = max(1, math.floor(length * TOP_K * capacity_factor / NUM_EXPERTS))
-    output = torch.zeros_like(hidden)
+    capacity = max(1, int((length * TOP_K / NUM_EXPERTS) * capacity_factor))
+    output = hidden.clone()
     dropped = 0
     for b in range(batch):
         taken = [0] * NUM_EXPERTS
         for s in range(length):
+            kept_any = False
             for k in range(TOP_K):
                 e = int(index[b, s, k])
                 if taken[e] == capacity:
                     dropped += 1
                     continue
                 taken[e] += 1
+                if not kept_any:
+                    output[b, s] = 0
+                    kept_any = True
                 gate, up = (experts.gate_up_proj[e] @ hidden[b, s]).chunk(2)
                 output[b, s] += weights[b, s, k] * (experts.down_proj[e] @ (F.silu(gate) * up))
     return output, dropped
@@ -153,12 +164,13 @@ def test_capacity_matches_per_token_loop():
     output = block(hidden)
     torch.testing.assert_close(output, expected, rtol=0, atol=1e-5)
 
-    # The forced sequence fills experts 3 and 5 after C = floor(24*2*1.25/8) = 7 tokens:
-    # every later token loses both choices and gets exactly zero. Random ones drop too.
+    # The forced sequence fills experts 3 and 5 after C = int(24*2/8*1.25) = 7 tokens:
+    # every later token loses both choices and passes its input through. Random ones drop too.
     _, _, index = block.gate(hidden[0])
     assert (index[:, 0] == 3).all() and (index[:, 1] == 5).all()
     assert output[0, :7].abs().amax(dim=-1).gt(0).all()
-    assert output[0, 7:].eq(0).all()
+    assert not torch.equal(output[0, :7], hidden[0, :7])
+    assert torch.equal(output[0, 7:], hidden[0, 7:])
     random_dropped = dropped - 2 * (24 - 7)
     assert random_dropped > 0
 
@@ -184,14 +196,16 @@ def test_gradients_reach_router_and_every_expert():
         assert block.experts.down_proj.grad[expert].abs().sum() > 0, expert
 
 
-def test_dropped_assignments_get_no_gradient():
+def test_fully_dropped_tokens_get_the_identity_gradient():
     block, hidden = forced_block_and_input(1.25)
     hidden.requires_grad_(True)
     block(hidden).sum().backward()
-    # Tokens 7.. of the forced sequence are fully dropped: no gradient reaches them, neither
-    # through the experts nor through the router (their weights are multiplied by zero).
-    assert hidden.grad[0, 7:].eq(0).all()
-    assert hidden.grad[0, :7].abs().sum() > 0
+    # Tokens 7.. of the forced sequence are fully dropped: their output is their input, so the
+    # gradient of sum() is exactly 1, with nothing through the experts or the router (their
+    # weights are multiplied by zero).
+    assert hidden.grad[0, 7:].eq(1).all()
+    assert not hidden.grad[0, :7].eq(1).all()
+    assert block.experts.gate_up_proj.grad is not None
 
 
 def test_sharding_hook_sees_every_expert_activation():
@@ -369,3 +383,35 @@ def test_batch_sharded_moe_stays_local_under_spmd(tmp_path):
         [sys.executable, "-c", SHARDED_STEP, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_capacity_with_pass_through_under_expert_parallel_spmd():
+    """The forced routing (fully dropped tokens included) on 8 devices, data 2 x expert 4, with
+    expert weights split by expert and the [B, E, C, *] buffers constrained as the trainer
+    does: output and input gradient equal the per-token loop's."""
+    import numpy as np
+    import torch_xla.distributed.spmd as xs
+    from torch_xla.distributed.spmd.xla_sharding import MarkShardingFunction
+
+    block, hidden = forced_block_and_input(1.25)
+    hidden = torch.cat([hidden, hidden.flip(0)[:1]])  # 4 sequences: 2 per data shard
+    expected, _ = loop_reference(block, hidden, 1.25)
+    cpu_hidden = hidden.clone().requires_grad_(True)
+    loop_reference(block, cpu_hidden, 1.25)[0].square().sum().backward()
+
+    mesh = xs.Mesh(np.arange(8), (2, 4), ("data", "expert"))
+    block = block.to(DEVICE)
+    xs.mark_sharding(block.experts.gate_up_proj, mesh, ("expert", None, None))
+    xs.mark_sharding(block.experts.down_proj, mesh, ("expert", None, None))
+    sharded = hidden.to(DEVICE).requires_grad_(True)
+    xs.mark_sharding(sharded, mesh, ("data", None, None))
+    moe.set_expert_activation_sharding(lambda t: MarkShardingFunction.apply(t, mesh, ("data", "expert", None, None)))
+    try:
+        output = block(sharded)
+        output.square().sum().backward()
+        torch_xla.sync()
+    finally:
+        moe.set_expert_activation_sharding(None)
+    torch.testing.assert_close(output.cpu(), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(sharded.grad.cpu(), cpu_hidden.grad, rtol=1e-5, atol=1e-4)
+    assert torch.equal(output.cpu()[0, 7:], hidden[0, 7:])  # passed through on the device too

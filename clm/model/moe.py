@@ -5,16 +5,21 @@ at `experts_forward` below, which replaces the body of HF's `MixtralExperts.forw
 (the router, `MixtralTopKRouter`, stays HF's: fp32 softmax, top-k, renormalised k weights).
 
 Semantics (the MLPerf reference's "dropped" Mixtral, DESIGN.md "Capacity-factor MoE"):
-- Capacity per sequence and expert: `C = max(1, floor(S * K * cf / E))` (capped at S,
-  which changes nothing: no expert can be chosen more than S times in a sequence).
+- Capacity per sequence and expert: the reference's `C = int((S * K / E) * cf)`, capped at
+  S (which changes nothing: no expert can be chosen more than S times in a sequence). Where
+  that is 0 (S <= 3 at Mixtral's K=2, E=8, cf=1.25) clm keeps 1 slot, so a short sequence
+  still reaches its experts; this is the only place clm departs from the expression.
 - Each sequence queues its (token, choice) assignments in the order
   (position 0 choice 0, position 0 choice 1, position 1 choice 0, ...), i.e. the [S, K]
   top-k index flattened row-major, as the reference's `generate_masks` does with a cumsum
   over `one_hot(top_k).view(B, S * K, E)`. An expert keeps the first C assignments of its
   queue. A token's K choices are distinct experts, so within one expert's queue the order
   is simply by position: earlier positions win.
-- A dropped assignment contributes nothing, kept weights are not renormalised, and a token
-  whose choices are all dropped gets zero output (the residual carries it).
+- A dropped assignment contributes nothing and kept weights are not renormalised. A token
+  whose choices are ALL dropped passes its input (the post-attention-norm hidden state)
+  through unchanged, with the gradient flowing through that identity: the reference clones
+  the block's input and overwrites only tokens with a kept choice, as Switch Transformers'
+  implementation does. Such a layer adds the normalised hidden state to the residual.
 - `cf <= 0` is dropless and equals HF's stock experts: on TPU through the Pallas grouped
   matmul, elsewhere through the same static-shape code with C = S (no queue can be longer).
 
@@ -30,7 +35,6 @@ The trainer calls:
     set_expert_activation_sharding(fn)      # optional: sharding of the [B, E, C, *] buffers
 """
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -117,14 +121,17 @@ def set_router_logits(module: torch.nn.Module, logits: tuple[torch.Tensor, ...])
 
 
 def expert_capacity(sequence_length: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
-    """Slots per expert and sequence: `max(1, floor(S*K*cf/E))`, and S when dropless (cf <= 0).
+    """Slots per expert and sequence: the reference's `int((S * K / E) * cf)`, and S when
+    dropless (cf <= 0).
 
+    At least 1: the reference's expression is 0 for S <= 3 at Mixtral's settings, which would
+    drop every token; clm keeps one slot there (documented in the README).
     Never more than S: a token picks an expert at most once, so no queue is longer than S,
     and slots past S would only compute zeros.
     """
     if capacity_factor <= 0:
         return sequence_length
-    return min(sequence_length, max(1, math.floor(sequence_length * top_k * capacity_factor / num_experts)))
+    return min(sequence_length, max(1, int((sequence_length * top_k / num_experts) * capacity_factor)))
 
 
 def experts_forward(
@@ -183,7 +190,10 @@ def experts_forward(
     weights = top_k_weights.view(batch_size, sequence_length * top_k) * kept
     weighted = gathered * weights.unsqueeze(-1)  # router weights are fp32: sum in fp32, as batched_mm
     output = weighted.view(batch_size, sequence_length, top_k, hidden_dim).sum(dim=2)
-    return output.view(num_tokens, hidden_dim).to(hidden_states.dtype)
+    output = output.view(num_tokens, hidden_dim).to(hidden_states.dtype)
+    # A token with no kept choice passes its input through (the reference's semantics).
+    any_kept = kept.view(num_tokens, top_k).any(dim=-1, keepdim=True)
+    return torch.where(any_kept, output, hidden_states)
 
 
 def expert_mlp(experts: torch.nn.Module, dispatched: torch.Tensor) -> torch.Tensor:
