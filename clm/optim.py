@@ -31,6 +31,21 @@ def build_optimizer(cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Opti
     return getattr(torch.optim, cfg.optimizer)(groups, lr=cfg.lr)
 
 
+def prime_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """One optimizer step with zero gradients at the base lr, before the scheduler exists.
+
+    The reference does this (torch_xla's `prime_optimizer`) so that a checkpoint can be
+    loaded into the optimizer's state; as a side effect AdamW's step count starts at 1, so
+    the first real update uses step 2's bias correction (about 0.74x an unprimed first
+    update with the default betas), and one decoupled weight decay of lr x wd is applied.
+    A resumed run primes too and then overwrites the state with the checkpoint's.
+    """
+    from torch_xla.experimental.distributed_checkpoint.util import prime_optimizer as xla_prime_optimizer
+
+    xla_prime_optimizer(optimizer)
+    optimizer.zero_grad(set_to_none=True)  # the zero gradients must not linger into step 1
+
+
 def warmup_steps(sched: DictConfig) -> int:
     return int(sched.warmup_ratio * sched.max_steps)
 

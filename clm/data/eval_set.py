@@ -66,7 +66,7 @@ def build_eval_set(cfg, tokenizer, process_index: int = 0, process_count: int = 
             f"global_eval_batch_size={global_batch_size} must be a multiple of the {process_count} processes"
         )
     files = list_split(cfg.dataset, "eval").check()
-    tokens, stats = _tokenize_documents(files, tokenizer, cfg.n_eval_examples or None, cfg.dataset.num_proc or 1)
+    tokens, stats = _tokenize_documents(files, tokenizer, cfg.n_eval_examples, cfg.dataset.num_proc or 1)
     if len(tokens) == 0:
         raise UserError(f"dataset.eval_dataset_path={cfg.dataset.eval_dataset_path}: no documents with text found")
 
