@@ -13,7 +13,7 @@ import sys
 from clm.errors import run_command
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str]) -> int | None:
     # Config first, heavy imports after: a typo is reported before torch and XLA load.
     from clm.config import config_groups, load_config
     from clm.runtime import device_count
@@ -28,9 +28,9 @@ def main(argv: list[str]) -> None:
 
         print(OmegaConf.to_yaml(cfg), end="")
         return
-    from clm.train import train
+    from clm.train import exit_code, train
 
-    train(cfg)
+    return exit_code(train(cfg))
 
 
 if __name__ == "__main__":

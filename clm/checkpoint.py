@@ -1,34 +1,324 @@
-"""Checkpoints through torch_xla's CheckpointManager (torch.distributed.checkpoint with SPMD
-planners): every host reads only its own shards, local or gs://."""
+"""Checkpoints through torch_xla's CheckpointManager (torch.distributed.checkpoint with the
+SPMD planners): every host writes and reads only its own shards, local or gs://.
+
+Layout: `checkpoint_dir/<step>/`, one directory per optimizer step. A checkpoint is
+complete once the manager has written its `.manager_metadata` file, which it does last,
+after torch.distributed.checkpoint has written every shard and its `.metadata`; only
+complete checkpoints are resumed from or counted for retention. A directory without it
+(a save that was killed) is skipped with a warning and left alone.
+
+What one holds (`save`): "model" and "optimizer" as sharded tensors, "config" (the
+resolved config as YAML) and, per process, "host_<i>": a pickle of every host-side state
+(the loop's step, the scheduler, the data stream's position, RNGs, the metrics writers).
+That is enough to continue bitwise. Tensors are resharded on load, so a checkpoint saved
+on one mesh resumes on another.
+
+    python -m clm.checkpoint ls CHECKPOINT_DIR    # step, time, size, completeness, config
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import pickle
+import random
 import sys
-import tempfile
+from datetime import datetime, timezone
 
+import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 
-from clm import storage
-from clm.errors import UserError
+from clm import runtime, storage
+from clm.errors import UserError, run_command
+
+logger = logging.getLogger(__name__)
+
+COMMIT_MARKER = ".manager_metadata"  # CheckpointManager writes it after everything else
+DCP_METADATA = ".metadata"
+
+# Knobs that may differ between a checkpoint's run and the run that resumes it: they change
+# how long, how often or where, not what is computed. Any other difference is refused.
+MAY_CHANGE_ON_RESUME = (
+    "max_steps", "eval_frequency", "log_frequency", "do_first_eval", "target_eval_loss",
+    "checkpoint_every", "checkpoint_dir", "checkpoints_to_keep", "async_checkpoint", "resume",
+    "allow_config_change", "kill_switch_path", "xla_profile_step", "output_dir", "run_dir", "exp_name",
+    "local_compile_cache_dir", "cache_local_dir", "tensor_parallelism", "expert_parallelism",
+    "num_slices", "sharding", "per_device_train_batch_size", "per_device_eval_batch_size",
+    "dataset.num_proc", "model.flash_attention", "wandb", "mlperf",
+)
 
 
-def checkpoint_manager(path: str):
-    """torch_xla's CheckpointManager for `path`, with the process group it needs."""
-    import torch.distributed as dist
-    import torch_xla.distributed.xla_backend  # noqa: F401  (registers the xla:// rendezvous)
-    import torch_xla.runtime as xr
+# ------------------------------------------------------------------------ locating
+
+
+def _fs(path: str):
+    # gcsfs's experimental zonal-bucket support probes endpoints that plain buckets (and the
+    # GCS emulator) do not have.
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    import fsspec
+
+    return fsspec.core.url_to_fs(path)
+
+
+def step_directories(directory: str) -> dict[int, bool]:
+    """{step: complete} for every numbered directory under `directory` (none if it is missing)."""
+    fs, root = _fs(directory)
+    if not fs.exists(root):
+        return {}
+    steps = {}
+    for entry in fs.ls(root, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if name.isdigit():
+            steps[int(name)] = fs.exists(f"{entry.rstrip('/')}/{COMMIT_MARKER}")
+    return dict(sorted(steps.items()))
+
+
+def newest_complete(directory: str, knob: str) -> str | None:
+    """The newest complete step directory under `directory`, warning about newer incomplete ones."""
+    steps = step_directories(directory)
+    complete = [step for step, done in steps.items() if done]
+    newest = complete[-1] if complete else None
+    for step, done in steps.items():
+        if not done and (newest is None or step > newest):
+            logger.warning("%s: %s/%d is incomplete (a save that did not finish); ignored", knob, directory, step)
+    return storage.join(directory, str(newest)) if newest is not None else None
+
+
+def resume_directory(cfg: DictConfig) -> str | None:
+    """The step directory this run resumes from (`resume`: auto, never, or a path), or None."""
+    if cfg.resume == "never":
+        return None
+    if cfg.resume == "auto":
+        return newest_complete(cfg.checkpoint_dir, "checkpoint_dir")
+    path = cfg.resume.rstrip("/")
+    steps = step_directories(path)
+    fs, root = _fs(path)
+    if os.path.basename(path).isdigit() and fs.exists(f"{root}/{COMMIT_MARKER}"):
+        return path
+    if os.path.basename(path).isdigit() and fs.exists(f"{root}/{DCP_METADATA}"):
+        raise UserError(f"resume={path}: that checkpoint is incomplete (no {COMMIT_MARKER}); resume from an older step")
+    found = newest_complete(path, "resume") if steps else None
+    if found is None:
+        raise UserError(
+            f"resume={path}: no complete checkpoint there; give a step directory (checkpoint_dir/STEP), "
+            "a checkpoint_dir, auto or never"
+        )
+    return found
+
+
+def _split_step(step_directory: str) -> tuple[str, int]:
+    parent, _, step = step_directory.rstrip("/").rpartition("/")
+    return parent, int(step)
+
+
+# --------------------------------------------------------------------- reading
+
+
+def read_items(step_directory: str, items: dict) -> dict:
+    """Non-tensor items of a checkpoint (e.g. {"config": ""}) without a process group or XLA."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    reader = FsspecReader(step_directory) if storage.is_gcs(step_directory) else FileSystemReader(step_directory)
+    dcp.load(items, storage_reader=reader, no_dist=True)
+    return items
+
+
+def saved_config(step_directory: str) -> DictConfig:
+    return OmegaConf.create(read_items(step_directory, {"config": ""})["config"])
+
+
+def tensor_shapes(step_directory: str) -> dict[str, tuple[int, ...]]:
+    """{flattened key: shape} of every tensor in a checkpoint, from its metadata alone."""
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = FsspecReader(step_directory).read_metadata()
+    return {key: tuple(item.size) for key, item in metadata.state_dict_metadata.items()
+            if isinstance(item, TensorStorageMetadata)}
+
+
+def check_config_matches(cfg: DictConfig, step_directory: str) -> None:
+    """Refuse, in one line, a resume whose config differs in a knob that changes what is computed."""
+    saved = OmegaConf.to_container(saved_config(step_directory), resolve=True)
+    current = OmegaConf.to_container(cfg, resolve=True)
+    saved, current = _flatten(saved), _flatten(current)
+    changed = [key for key in sorted(set(saved) | set(current))
+               if not _may_change(key) and saved.get(key) != current.get(key)]
+    if not changed:
+        return
+    shown = ", ".join(f"{key} ({saved.get(key)} -> {current.get(key)})" for key in changed[:4])
+    more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+    if cfg.allow_config_change and cfg.resume not in ("auto", "never"):
+        logger.warning("resuming %s with changed knobs: %s%s (allow_config_change=true)", step_directory, shown, more)
+        return
+    raise UserError(
+        f"resume: the checkpoint {step_directory} was saved with different knobs: {shown}{more}; rerun with the "
+        "checkpoint's values, resume=never (or another checkpoint_dir) to start over, or resume=PATH "
+        "allow_config_change=true to continue anyway"
+    )
+
+
+def _may_change(key: str) -> bool:
+    return any(key == knob or key.startswith(knob + ".") for knob in MAY_CHANGE_ON_RESUME)
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}{key}."))
+    return flat
+
+
+def check_model_matches(model: torch.nn.Module, step_directory: str) -> None:
+    """A checkpoint of another architecture fails in one line naming keys and shapes."""
+    saved = {key[len("model."):]: shape for key, shape in tensor_shapes(step_directory).items()
+             if key.startswith("model.")}
+    expected = {name: tuple(t.shape) for name, t in model_state(model).items()}
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    reshaped = [f"{name} {list(saved[name])} vs {list(expected[name])}" for name in sorted(set(saved) & set(expected))
+                if saved[name] != expected[name]]
+    problems = []
+    if reshaped:
+        problems.append(f"shapes differ (checkpoint vs model): {', '.join(reshaped[:3])}")
+    if missing:
+        problems.append(f"missing from the checkpoint: {', '.join(missing[:3])}")
+    if unexpected:
+        problems.append(f"not in the model: {', '.join(unexpected[:3])}")
+    if problems:
+        raise UserError(
+            f"{step_directory}: a checkpoint of a different model architecture ({'; '.join(problems)}); "
+            "use the model.config_path it was trained with"
+        )
+
+
+# ------------------------------------------------------------------------ saving
+
+
+def checkpoint_manager(path: str, keep: int = 0):
+    """torch_xla's CheckpointManager for `path`; saves happen only when asked (force=True)."""
     from torch_xla.experimental.distributed_checkpoint import CheckpointManager
 
-    if not dist.is_initialized():
-        if xr.device_type() == "TPU":
-            dist.init_process_group("gloo", init_method="xla://")
-        else:
-            # xla:// finds its peers through TPU metadata; elsewhere clm is one process.
-            rendezvous = tempfile.NamedTemporaryFile(prefix="clm-rendezvous-", delete=False).name
-            dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=0, world_size=1)
-    # Saves happen only when asked (force=True); max_to_keep=0 never deletes anything;
-    # preemption detection (TPU coordinator only) is for managers that save on their own.
-    return CheckpointManager(path, save_interval=sys.maxsize, max_to_keep=0, chkpt_on_preemption=False)
+    runtime.init_process_group()
+    # Preemption detection is the trainer's (clm.preemption), on every device type.
+    with runtime.quiet_native_stdout():  # the manager makes a gloo subgroup, which prints
+        return CheckpointManager(path, save_interval=sys.maxsize, max_to_keep=keep, chkpt_on_preemption=False)
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors as they live on the devices, keyed as `model.state_dict()`.
+
+    The parameters themselves, not `state_dict()`'s detached copies: a detached XLA tensor
+    loses its sharding annotation, and torch_xla would then gather the whole tensor onto the
+    host (compiling a program per tensor) instead of reading this host's shards.
+    """
+    state = dict(model.named_parameters())
+    state.update((name, buffer) for name, buffer in model.named_buffers() if name in model.state_dict())
+    return state
+
+
+class RNGState:
+    """Every random generator a step could use: Python, NumPy, torch (CPU) and XLA."""
+
+    def state_dict(self) -> dict:
+        import torch_xla.core.xla_model as xm
+
+        return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "xla": xm.get_rng_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        import torch_xla.core.xla_model as xm
+
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        xm.set_rng_state(state["xla"])
+
+
+class Checkpointer:
+    """Saves and restores a run: `maybe_save(step)` at every step's end, `save(step)` on demand.
+
+    `host_state` maps names to objects with state_dict()/load_state_dict() whose state is
+    plain Python or NumPy; model and optimizer go through torch.distributed.checkpoint.
+    """
+
+    def __init__(self, cfg: DictConfig, model, optimizer, host_state: dict, process_index: int = 0):
+        self.cfg = cfg
+        self.every = cfg.checkpoint_every
+        self.model = model
+        self.optimizer = optimizer
+        self.host_state = host_state
+        self.host_key = f"host_{process_index}"
+        self.last_saved_step: int | None = None
+        self._manager = None
+        self.save_seconds: list[float] = []  # time each save blocked training
+
+    @property
+    def manager(self):
+        if self._manager is None:
+            self._manager = checkpoint_manager(self.cfg.checkpoint_dir, keep=self.cfg.checkpoints_to_keep)
+        return self._manager
+
+    def maybe_save(self, step: int) -> None:
+        if self.every > 0 and step % self.every == 0:
+            self.save(step)
+
+    def save(self, step: int, blocking: bool = False) -> None:
+        """Checkpoint `step` (in the background when async_checkpoint, unless blocking)."""
+        import time
+
+        if step == self.last_saved_step:
+            return
+        started = time.perf_counter()
+        state = {
+            "model": model_state(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "config": OmegaConf.to_yaml(self.cfg, resolve=True),
+            self.host_key: pickle.dumps({name: obj.state_dict() for name, obj in self.host_state.items()}),
+        }
+        # Both go through the manager's host copy of the shards: one transfer for all the
+        # replicated tensors, where its synchronous save would compile a graph per tensor.
+        self.manager.save_async(step, state, force=True)
+        if blocking or not self.cfg.async_checkpoint:
+            self.manager.join()
+        self.last_saved_step = step
+        self.save_seconds.append(time.perf_counter() - started)
+
+    def restore(self, step_directory: str) -> int:
+        """Load a checkpoint into the (primed) optimizer, the model and every host state."""
+        check_model_matches(self.model, step_directory)
+        parent, step = _split_step(step_directory)
+        state = {"model": model_state(self.model), "optimizer": self.optimizer.state_dict(), self.host_key: b""}
+        try:
+            with torch.no_grad(), _loaded_in_place(state):
+                checkpoint_manager(parent).restore(step, state)
+        except (KeyError, RuntimeError) as e:  # torch.distributed.checkpoint wraps a missing key
+            if self.host_key in str(e):
+                raise UserError(
+                    f"{step_directory}: it holds no state for process {self.host_key[5:]}; resume with the "
+                    "number of hosts it was saved with"
+                ) from None
+            raise
+        self.optimizer.load_state_dict(state["optimizer"])  # the model's tensors were loaded in place
+        host = pickle.loads(state[self.host_key])
+        for name, obj in self.host_state.items():
+            obj.load_state_dict(host[name])
+        self.last_saved_step = step
+        return step
+
+    def close(self) -> None:
+        """Wait for a background save to finish."""
+        if self._manager is not None:
+            self._manager.join()
+
+
+# --------------------------------------------------------------- initial weights
 
 
 def check_path(path: str) -> None:
@@ -42,6 +332,7 @@ def restore_model_weights(model: torch.nn.Module, path: str) -> int:
 
     This is the reference's `checkpoint_manager_path`: the starting weights (Mixtral-8x22B-v0.1
     converted once with CheckpointManager.save(0, {"model": state_dict})). Returns the step.
+    A training checkpoint of this harness works too: only its "model" is read.
     """
     manager = checkpoint_manager(path)
     steps = manager.all_steps()
@@ -50,7 +341,31 @@ def restore_model_weights(model: torch.nn.Module, path: str) -> int:
             f"checkpoint_manager_path={path}: no CheckpointManager checkpoint in it "
             "(expected numbered step directories with a .metadata file)"
         )
-    state = {"model": model.state_dict()}
-    manager.restore(steps[-1], state)
-    model.load_state_dict(state["model"])
+    state = {"model": model_state(model)}
+    with torch.no_grad(), _loaded_in_place(state):
+        manager.restore(steps[-1], state)  # in place, shard by shard
     return steps[-1]
+
+
+@contextlib.contextmanager
+def _loaded_in_place(state: dict):
+    """Make tensors that torch.distributed.checkpoint loads in place usable by the next graph.
+
+    Two torch_xla 2.9 quirks, both seen on the CPU backend: a loaded tensor reads back right,
+    yet a graph built afterwards still computes with the buffers it had before the load (a
+    copy made after the load reads the new ones, so each tensor is replaced by its copy, one
+    at a time to bound the memory); and replicated tensors are loaded by a plain copy that
+    drops their sharding annotation (put back, since another annotation is another compiled
+    graph, with other rounding, than an uninterrupted run's).
+    """
+    import torch_xla
+    from torch.utils._pytree import tree_leaves
+
+    tensors = [t for t in tree_leaves(state) if isinstance(t, torch.Tensor) and t.device.type == "xla"]
+    shardings = [torch_xla._XLAC._get_xla_op_sharding(t) for t in tensors]
+    yield
+    for tensor, sharding in zip(tensors, shardings):
+        tensor.data = tensor.data.clone()
+        torch_xla.sync()
+        if sharding and not torch_xla._XLAC._get_xla_sharding_spec(tensor):
+            torch_xla._XLAC._xla_mark_sharding(tensor, sharding)

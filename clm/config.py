@@ -94,9 +94,17 @@ class Config:
     max_length: int = MISSING
     n_eval_examples: Optional[int] = MISSING
     optimizer: str = MISSING
+    prime_optimizer: bool = MISSING
     weight_decay: float = MISSING
     eval_frequency: int = MISSING
     checkpoint_manager_path: Optional[str] = MISSING
+    checkpoint_every: int = MISSING
+    checkpoint_dir: str = MISSING
+    checkpoints_to_keep: int = MISSING
+    async_checkpoint: bool = MISSING
+    resume: str = MISSING
+    allow_config_change: bool = MISSING
+    kill_switch_path: Optional[str] = MISSING
     shuffle: bool = MISSING
     full_precision: bool = MISSING
     local_compile_cache_dir: Optional[str] = MISSING
@@ -194,6 +202,17 @@ def _validate(cfg: DictConfig, num_devices: int) -> None:
                 "per_device_train_batch_size", "per_device_eval_batch_size",
                 "global_train_batch_size", "global_eval_batch_size", "eval_frequency", "sched.max_steps"):
         positive(key)
+    if cfg.n_eval_examples is not None and cfg.n_eval_examples < 1:
+        raise UserError(
+            f"n_eval_examples={cfg.n_eval_examples}: must be a positive number of validation documents, "
+            "or null for the whole validation set"
+        )
+    for key in ("checkpoint_every", "checkpoints_to_keep"):
+        if cfg[key] < 0:
+            what = "0 = only at the end and on preemption" if key == "checkpoint_every" else "0 = keep all"
+            raise UserError(f"{key}={cfg[key]}: must be >= 0 ({what})")
+    if not cfg.resume:
+        raise UserError("resume is empty: use auto (the newest complete checkpoint), never, or a checkpoint path")
     if cfg.lr <= 0:
         raise UserError(f"lr={cfg.lr}: must be > 0")
     if cfg.sched.name not in SCHEDULERS:

@@ -19,11 +19,12 @@ class UserError(Exception):
     """Bad input: a config value, a path, a data file. The message is shown as is."""
 
 
-def run_command(command: Callable[[], object]) -> int:
-    """Run a command-line entry point: exit code 0, or 2 with one `error:` line on bad input."""
+def run_command(command: Callable[[], int | None]) -> int:
+    """Run a command-line entry point: its exit code (None is EXIT_OK), or EXIT_USER_ERROR with
+    one `error:` line on bad input."""
     try:
-        command()
+        code = command()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    return EXIT_OK
+    return EXIT_OK if code is None else code

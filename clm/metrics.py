@@ -38,21 +38,46 @@ class MetricsWriter:
     """One JSON object per logged step in run_dir/metrics.jsonl, mirrored to TensorBoard.
 
     Only process 0 writes. Values must already be host floats (step closures hand them over).
+    Files are opened at the first write, not before: a fresh run starts them anew, a run
+    resumed with load_state_dict keeps the rows up to the checkpoint's step and drops what
+    the interrupted run wrote after it, so no step is duplicated or missing.
     """
 
     def __init__(self, run_dir: str, enabled: bool = True):
         self.enabled = enabled
-        if not enabled:
-            return
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.tensorboard_dir = os.path.join(run_dir, "tensorboard")
+        self.last_step = 0
+        self._resumed_step: int | None = None
+        self._file = None
+        self._tensorboard = None
+
+    def state_dict(self) -> dict:
+        return {"step": self.last_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_step = self._resumed_step = state["step"]
+
+    def _open(self) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.path = os.path.join(run_dir, "metrics.jsonl")
-        self._file = open(self.path, "w", buffering=1)  # line-buffered: a crash keeps every row written
-        self._tensorboard = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        if self._resumed_step is not None and os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= self._resumed_step]
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(self.path + ".tmp", self.path)  # a crash here keeps the old or the new file whole
+        mode = "a" if self._resumed_step is not None else "w"
+        self._file = open(self.path, mode, buffering=1)  # line-buffered: a crash keeps every row written
+        purge = None if self._resumed_step is None else self._resumed_step + 1
+        self._tensorboard = SummaryWriter(self.tensorboard_dir, purge_step=purge)
 
     def write(self, step: int, values: dict[str, float | int | None]) -> None:
         if not self.enabled:
             return
+        if self._file is None:
+            self._open()
+        self.last_step = step
         row = {"step": step, **values}
         self._file.write(json.dumps(row, allow_nan=True) + "\n")
         for key, value in values.items():
@@ -60,6 +85,6 @@ class MetricsWriter:
                 self._tensorboard.add_scalar(key, value, step)
 
     def close(self) -> None:
-        if self.enabled:
+        if self._file is not None:
             self._file.close()
             self._tensorboard.close()

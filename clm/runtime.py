@@ -6,7 +6,9 @@ Split in two because the config needs the device count (the reference's
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 
 DEFAULT_CPU_DEVICES = "4"
 
@@ -66,3 +68,42 @@ def on_tpu(tensor) -> bool:
     import torch_xla.runtime as xr
 
     return xr.device_type() == "TPU"
+
+
+def init_process_group() -> None:
+    """The gloo process group that torch.distributed.checkpoint and the hosts' stop agreement
+    use; set up once per process, before the first checkpoint. `shutdown` removes it."""
+    import torch.distributed as dist
+    import torch_xla.runtime as xr
+
+    if dist.is_initialized():
+        return
+    with quiet_native_stdout():  # gloo prints a line per group to stdout from C++
+        if xr.process_count() > 1 or xr.device_type() == "TPU":
+            import torch_xla.distributed.xla_backend  # noqa: F401  (registers the xla:// rendezvous)
+
+            dist.init_process_group("gloo", init_method="xla://")
+        else:
+            # One process: an in-memory store, so no rendezvous file is left behind.
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def quiet_native_stdout():
+    """Silence what C++ code prints to file descriptor 1 (Python's own prints are flushed first)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)

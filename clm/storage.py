@@ -20,6 +20,7 @@ import functools
 import glob as local_glob
 import io
 import os
+import tempfile
 from typing import IO, Iterator
 
 from clm.errors import UserError
@@ -130,6 +131,34 @@ def size(path: str) -> int:
     if blob is None:
         raise _not_found(path)
     return blob.size
+
+
+def check_writable(directory: str, knob: str) -> None:
+    """Fail in one line, before anything runs, when `directory` cannot be created and written."""
+    if is_gcs(directory):
+        bucket_name, name = split_gcs(directory)
+        probe = f"{name.rstrip('/')}/.clm-write-probe".lstrip("/")
+        try:
+            with _gcs_errors(directory):
+                blob = _client().bucket(bucket_name).blob(probe)
+                blob.upload_from_string(b"")
+                blob.delete()
+        except UserError as e:
+            raise UserError(f"{knob}: {e}") from None
+        except Exception as e:  # unreachable endpoint, DNS, timeouts: the client's many kinds
+            raise UserError(
+                f"{knob}={directory}: cannot write to bucket '{bucket_name}' ({type(e).__name__}: {e}); "
+                "check the bucket name, the network and the credentials"
+            ) from None
+        return
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".clm-write-probe-"):
+            pass
+    except OSError as e:
+        raise UserError(
+            f"{knob}: cannot write to {directory} ({e.strerror or e}); choose a writable local directory"
+        ) from None
 
 
 # ------------------------------------------------------------------------------ GCS

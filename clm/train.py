@@ -18,15 +18,36 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from clm import checkpoint, data, parallel, runtime
+from clm.errors import EXIT_OK, EXIT_PREEMPTED
+
+from clm import checkpoint, data, parallel, runtime, storage
+from clm.checkpoint import Checkpointer, RNGState
 from clm.metrics import MetricsWriter, mfu, reference_flops_per_token, training_flops_per_token
 from clm.model import attention, moe
 from clm.model.build import build_model, load_model_config
-from clm.optim import build_optimizer, build_scheduler
+from clm.optim import build_optimizer, build_scheduler, prime_optimizer
+from clm.preemption import StopRequests
 
-# Steps whose timing includes compilation: the first step has no optimizer state yet,
-# the second is the first with it. Later steps are steady state.
+# Steps whose timing includes compilation: the first step of a process compiles the step,
+# and without optimizer priming the second is the first with optimizer state. Later steps
+# are steady state.
 WARMUP_STEPS = 2
+
+
+@dataclass
+class LoopState:
+    """Where the loop stands; saved in every checkpoint, so a resumed run continues from it."""
+
+    step: int = 0  # optimizer steps done
+    tokens: int = 0  # training tokens seen (scored labels)
+    target_reached: bool = False
+    eval_loss: float | None = None  # of the last evaluation
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        vars(self).update(state)
 
 
 @dataclass
@@ -48,7 +69,10 @@ class Summary:
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, hf_config, mesh_shape: parallel.MeshShape):
+    """Build (here: everything from the config) -> restore (a checkpoint, if resuming) ->
+    start (background threads, signal handlers) -> train."""
+
+    def __init__(self, cfg: DictConfig, hf_config, mesh_shape: parallel.MeshShape, resume_from: str | None = None):
         import torch_xla.distributed.spmd as xs
         import torch_xla.runtime as xr
         from torch_xla.distributed.spmd.xla_sharding import MarkShardingFunction
@@ -58,9 +82,7 @@ class Trainer:
         self.hf_config = hf_config
         self.num_devices = mesh_shape.num_devices
         self.is_main = xr.process_index() == 0
-        os.makedirs(cfg.run_dir, exist_ok=True)
-        if self.is_main:
-            OmegaConf.save(cfg, os.path.join(cfg.run_dir, "config.yaml"), resolve=True)
+        self.resume_from = resume_from
 
         self.tokenizer = data.load_tokenizer(cfg.model.tokenizer_name_or_path, cfg.cache_local_dir)
 
@@ -74,14 +96,17 @@ class Trainer:
         attention.set_partitioning(self.mesh, (parallel.DATA_AXES, "tensor", None, None))
         self.model = build_model(
             cfg, hf_config, lambda m: parallel.shard_parameters(m, self.mesh, cfg.sharding, mesh_shape))
-        if cfg.checkpoint_manager_path:
+        if cfg.checkpoint_manager_path and not resume_from:
             checkpoint.restore_model_weights(self.model, cfg.checkpoint_manager_path)
         self.optimizer = build_optimizer(cfg, self.model)
+        # A checkpoint loads into existing optimizer state, so a resumed run primes too;
+        # the restore then overwrites what priming did.
+        if cfg.prime_optimizer or resume_from:
+            prime_optimizer(self.optimizer)
         self.scheduler = build_scheduler(cfg, self.optimizer)
 
         process = dict(process_index=xr.process_index(), process_count=xr.process_count())
         self.train_batches = data.build_train_stream(cfg, self.tokenizer, **process)
-        self.train_batches.start()  # fills the shuffle buffer while the first step compiles
         self.eval_set = data.build_eval_set(cfg, self.tokenizer, **process)
 
         self.metrics = MetricsWriter(cfg.run_dir, enabled=self.is_main)
@@ -90,33 +115,80 @@ class Trainer:
         self.reference_flops_per_token = reference_flops_per_token(self.hf_config, num_params)
         self.device_kind = runtime.device_kind()
         self.summary = Summary(tokens_per_step=cfg.global_train_batch_size * cfg.max_length)
+        self.loop = LoopState()
+        self.checkpointer = Checkpointer(cfg, self.model, self.optimizer, process_index=xr.process_index(), host_state={
+            "loop": self.loop, "scheduler": self.scheduler, "data": self.train_batches, "metrics": self.metrics,
+            "rng": RNGState(),
+        })
+        self.stop_requests = StopRequests(cfg.kill_switch_path, **process)
         self._last_log = (0, time.perf_counter())  # (step, time) of the last train row
-        self._step = 0
+        self._first_step = 0  # of this process: its first steps compile
+
+    def restore(self) -> None:
+        """Continue from `resume_from`: weights, optimizer, schedule, data position, RNGs, metrics."""
+        if self.resume_from:
+            step = self.checkpointer.restore(self.resume_from)
+            self._last_log = (step, time.perf_counter())
+            self._first_step = step
+            finished = step >= self.cfg.max_steps or self.loop.target_reached
+            tqdm.write(f"resumed from {self.resume_from} (step {step})" + (
+                "; that run is complete: raise max_steps, or set resume=never or a new exp_name to train anew"
+                if finished else ""), file=sys.stdout)
+
+    def start(self) -> None:
+        """Start producing data (the shuffle buffer fills while the first step compiles) and
+        catching SIGTERM; write the run's config."""
+        if self.is_main:
+            os.makedirs(self.cfg.run_dir, exist_ok=True)
+            OmegaConf.save(self.cfg, os.path.join(self.cfg.run_dir, "config.yaml"), resolve=True)
+        self.train_batches.start()
+        self.stop_requests.install()
 
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> Summary:
-        cfg = self.cfg
+        cfg, loop = self.cfg, self.loop
         started = time.perf_counter()
-        progress = tqdm(total=cfg.max_steps, desc="train", unit="step", disable=not self.is_main, file=sys.stdout)
-        if cfg.do_first_eval:
+        progress = tqdm(initial=loop.step, total=cfg.max_steps, desc="train", unit="step", disable=not self.is_main,
+                        file=sys.stdout)
+        if loop.step == 0 and cfg.do_first_eval:
             self.evaluate()
-        while self._step < cfg.max_steps and self.summary.stop_reason != "target_reached":
-            if self._step + 1 == cfg.xla_profile_step:
+        stop_request = None
+        while loop.step < cfg.max_steps and not loop.target_reached and stop_request is None:
+            if loop.step + 1 == cfg.xla_profile_step:
                 self.profile_step()
             else:
                 self.train_step()
             progress.update(1)
-            if self._step % cfg.eval_frequency == 0:
+            if loop.step % cfg.eval_frequency == 0:
                 self.evaluate()
+            stop_request = self.end_step()
         progress.close()
-        self.summary.steps = self._step
+        if stop_request is None:
+            self.checkpointer.save(loop.step, blocking=True)  # the final state, always
+        self.checkpointer.close()
+        self.summary.stop_reason = stop_request or ("target_reached" if loop.target_reached else "max_steps")
+        self.summary.steps = loop.step
+        self.summary.eval_loss = loop.eval_loss
         self.summary.wall_seconds = time.perf_counter() - started
         self.summary.compiles = compile_count()
         self.summary.skipped_lines = self.train_batches.stats["skipped_lines"] + self.eval_set.stats["skipped_lines"]
         self.train_batches.close()
         self.metrics.close()
+        self.stop_requests.uninstall()
         return self.summary
+
+    def end_step(self) -> str | None:
+        """The one point between steps where the run checkpoints and may stop: a stop request
+        (SIGTERM, the kill switch) saves at once and ends the loop with its reason."""
+        stop_request = self.stop_requests.poll()
+        if stop_request:
+            self.checkpointer.save(self.loop.step, blocking=True)
+            tqdm.write(f"step {self.loop.step}: {stop_request}: checkpoint saved, exiting with code "
+                       f"{EXIT_PREEMPTED} (retry to resume)", file=sys.stdout)
+        else:
+            self.checkpointer.maybe_save(self.loop.step)
+        return stop_request
 
     def train_step(self) -> None:
         import torch_xla
@@ -147,9 +219,11 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self._step += 1
+        self.loop.step += 1
+        self.loop.tokens += self.summary.tokens_per_step
+        step = self.loop.step
 
-        if self._step % cfg.log_frequency == 0 or self._step == cfg.max_steps:
+        if step % cfg.log_frequency == 0 or step == cfg.max_steps:
             lm_loss = torch.stack(lm_losses).mean()
             aux_loss = torch.stack(aux_losses).mean()
             device_values = {
@@ -160,7 +234,7 @@ class Trainer:
                 "train/num_tokens": torch.stack(tokens).sum(),
                 **moe.router_metrics(self.model),
             }
-            xm.add_step_closure(self._log_train, args=(self._step, lr, device_values))
+            xm.add_step_closure(self._log_train, args=(step, lr, device_values))
         torch_xla.sync()
 
     def profile_step(self) -> None:
@@ -172,7 +246,7 @@ class Trainer:
         self.train_step()
         xm.wait_device_ops()  # the trace must cover the device's execution, not just its launch
         xp.stop_trace()
-        tqdm.write(f"step {self._step}: profile written to {self.cfg.run_dir}/profile", file=sys.stdout)
+        tqdm.write(f"step {self.loop.step}: profile written to {self.cfg.run_dir}/profile", file=sys.stdout)
 
     def evaluate(self) -> None:
         """Token-weighted mean loss over every scored label of the validation set."""
@@ -190,18 +264,18 @@ class Trainer:
         eval_loss = (torch.stack(loss_sums).sum() / torch.stack(counts).sum()).item()
         self.model.train()
 
-        self.summary.eval_loss = eval_loss
-        self.metrics.write(self._step, {
+        self.loop.eval_loss = eval_loss
+        self.metrics.write(self.loop.step, {
             "eval/loss": eval_loss,
             "eval/num_tokens": self.eval_set.num_tokens,
             "data/eval_skipped_lines": self.eval_set.stats["skipped_lines"],
         })
-        tqdm.write(f"step {self._step}: eval/loss={eval_loss:.4f}", file=sys.stdout)
+        tqdm.write(f"step {self.loop.step}: eval/loss={eval_loss:.4f}", file=sys.stdout)
         target = self.cfg.target_eval_loss
         if target > 0 and eval_loss <= target:
-            self.summary.stop_reason = "target_reached"
+            self.loop.target_reached = True
         # Eval time is not training time: restart the step clock.
-        self._last_log = (self._step, time.perf_counter())
+        self._last_log = (self.loop.step, time.perf_counter())
 
     # --------------------------------------------------------------- helpers
 
@@ -247,7 +321,7 @@ class Trainer:
         })
         self.metrics.write(step, values)
         self.summary.train_loss = values["train/loss"]
-        if last_step >= WARMUP_STEPS:
+        if last_step - self._first_step >= WARMUP_STEPS:
             self.summary.step_times.append(step_time)
             self.summary.mfu = values["perf/mfu"]
 
@@ -294,16 +368,30 @@ def print_summary(cfg: DictConfig, summary: Summary) -> None:
 
 
 def train(cfg: DictConfig) -> Summary:
-    """Check every input, then train. Nothing is written or compiled before the checks pass."""
+    """Check every input, then build, restore, start and train. Nothing is written over and
+    nothing is compiled before the checks pass."""
     num_devices = runtime.device_count()
     data.validate_dataset(cfg)
+    storage.check_writable(cfg.run_dir, "output_dir")
+    storage.check_writable(cfg.checkpoint_dir, "checkpoint_dir")
     if cfg.checkpoint_manager_path:
         checkpoint.check_path(cfg.checkpoint_manager_path)
+    resume_from = checkpoint.resume_directory(cfg)
+    if resume_from:
+        checkpoint.check_config_matches(cfg, resume_from)
     hf_config = load_model_config(cfg)
     slices = parallel.runtime_num_slices() if cfg.num_slices == -1 else cfg.num_slices
     mesh_shape = parallel.mesh_shape(num_devices, cfg.tensor_parallelism, cfg.expert_parallelism, slices)
     parallel.check_model_fits_mesh(mesh_shape, hf_config)
     parallel.check_multihost_input(mesh_shape)
-    summary = Trainer(cfg, hf_config, mesh_shape).train()
+    trainer = Trainer(cfg, hf_config, mesh_shape, resume_from)
+    trainer.restore()
+    trainer.start()
+    summary = trainer.train()
     print_summary(cfg, summary)
     return summary
+
+
+def exit_code(summary: Summary) -> int:
+    """EXIT_PREEMPTED when a stop request ended the run (a checkpoint was saved), else EXIT_OK."""
+    return EXIT_PREEMPTED if summary.stop_reason in ("preempted", "kill_switch") else EXIT_OK

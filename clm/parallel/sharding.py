@@ -81,13 +81,17 @@ def plan_parameters(
 
 
 def shard_parameters(model: torch.nn.Module, mesh, rules: Mapping[str, Sequence], shape: MeshShape) -> None:
-    """Annotate every parameter with its partition spec (before anything is materialised)."""
+    """Annotate every parameter with its partition spec (before anything is materialised).
+
+    Replicated ones too: a tensor without an annotation and one that a step returned as
+    replicated are different inputs to XLA, so a step would compile (and round) differently
+    on freshly built or restored parameters than on trained ones.
+    """
     import torch_xla.distributed.spmd as xs
 
     params = dict(model.named_parameters())
     for entry in plan_parameters(((n, p.shape) for n, p in params.items()), rules, shape):
-        if any(e is not None for e in entry.spec):
-            xs.mark_sharding(params[entry.name], mesh, entry.spec)
+        xs.mark_sharding(params[entry.name], mesh, entry.spec)
 
 
 def batch_spec() -> PartitionSpec:

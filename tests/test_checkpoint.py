@@ -1,0 +1,281 @@
+"""Checkpoints and resume on XLA's CPU backend: a resumed run is bitwise the uninterrupted one,
+whatever stopped it (kill -9, SIGTERM, the kill switch, a kill during a save), locally and on a
+real GCS server; a checkpoint reshards onto another mesh; bad input is one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from clm import checkpoint, runtime
+from clm.config import load_config
+from clm.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
+from clm.train import exit_code, train
+from test_data_gcs import gcs_server  # noqa: F401  (the fixture)
+
+REPO = Path(__file__).resolve().parent.parent
+# 8 steps of 8 sequences x 64 tokens, a checkpoint every 2, evals at 0, 4 and 8.
+RUN = ["max_steps=8", "checkpoint_every=2", "eval_frequency=4", "max_length=64", "per_device_train_batch_size=1",
+       "n_eval_examples=10", "global_train_batch_size=8", "global_eval_batch_size=8"]
+
+
+def config(output_dir, *overrides):
+    return load_config([f"output_dir={output_dir}", *RUN, *overrides], num_devices=runtime.device_count())
+
+
+def rows(run_dir) -> list[tuple]:
+    """(step, train/loss, eval/loss) of every metrics.jsonl row: what must match bitwise."""
+    with open(Path(run_dir) / "metrics.jsonl") as f:
+        return [(r["step"], r.get("train/loss"), r.get("eval/loss")) for r in map(json.loads, f)]
+
+
+def model_tensors(step_dir) -> dict[str, torch.Tensor]:
+    """The model's tensors of a checkpoint, read back on the CPU by torch.distributed.checkpoint."""
+    shapes = checkpoint.tensor_shapes(str(step_dir))
+    state = {"model": {key[6:]: torch.empty(shape) for key, shape in shapes.items() if key.startswith("model.")}}
+    return checkpoint.read_items(str(step_dir), state)["model"]
+
+
+def assert_same_weights(a, b):
+    a, b = model_tensors(a), model_tensors(b)
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+# ------------------------------------------------------------------ in this process
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The reference: the same run, never stopped."""
+    cfg = config(tmp_path_factory.mktemp("uninterrupted"))
+    summary = train(cfg)
+    assert summary.steps == 8 and exit_code(summary) == 0
+    return cfg
+
+
+def test_kill_switch_saves_stops_and_resumes_bitwise(tmp_path, uninterrupted):
+    switch = tmp_path / "STOP"
+    switch.touch()
+    cfg = config(tmp_path, f"kill_switch_path={switch}")
+    summary = train(cfg)
+    assert summary.stop_reason == "kill_switch" and exit_code(summary) == EXIT_PREEMPTED
+    assert summary.steps == 1  # checked once per step: it stops after the first
+    assert checkpoint.step_directories(cfg.checkpoint_dir) == {1: True}
+
+    switch.unlink()
+    summary = train(cfg)  # the same command again
+    assert summary.stop_reason == "max_steps" and summary.steps == 8 and exit_code(summary) == 0
+    assert rows(cfg.run_dir) == rows(uninterrupted.run_dir)
+    assert_same_weights(Path(cfg.checkpoint_dir) / "8", Path(uninterrupted.checkpoint_dir) / "8")
+    # Retention: the newest checkpoints_to_keep=2 complete ones.
+    assert checkpoint.step_directories(cfg.checkpoint_dir) == {6: True, 8: True}
+
+
+def test_a_finished_run_resumes_to_nothing_and_says_so(tmp_path, uninterrupted, capsys):
+    cfg = config(uninterrupted.output_dir)
+    before = rows(cfg.run_dir)
+    summary = train(cfg)
+    assert summary.steps == 8 and summary.eval_loss == before[-1][2]
+    assert "that run is complete" in capsys.readouterr().out
+    assert rows(cfg.run_dir) == before
+
+
+def test_checkpoint_saved_on_one_mesh_resumes_on_another(tmp_path, uninterrupted):
+    """Saved on fsdp=8, resumed on fsdp=4 x tensor=2: distributed checkpointing reshards."""
+    switch = tmp_path / "STOP"
+    switch.touch()
+    cfg = config(tmp_path, f"kill_switch_path={switch}")
+    assert train(cfg).steps == 1
+    switch.unlink()
+    resumed = train(config(tmp_path, f"kill_switch_path={switch}", "tensor_parallelism=2"))
+    assert resumed.steps == 8
+    ours = [r for r in rows(cfg.run_dir) if r[1] is not None]
+    reference = [r for r in rows(uninterrupted.run_dir) if r[1] is not None]
+    assert [r[0] for r in ours] == [r[0] for r in reference]
+    assert [r[1] for r in ours] == pytest.approx([r[1] for r in reference], rel=1e-5)
+
+
+def test_async_checkpoint_gives_the_same_checkpoints(tmp_path, uninterrupted):
+    cfg = config(tmp_path, "async_checkpoint=true", "checkpoints_to_keep=0")
+    train(cfg)
+    assert checkpoint.step_directories(cfg.checkpoint_dir) == {2: True, 4: True, 6: True, 8: True}
+    assert rows(cfg.run_dir) == rows(uninterrupted.run_dir)
+    assert_same_weights(Path(cfg.checkpoint_dir) / "8", Path(uninterrupted.checkpoint_dir) / "8")
+
+
+def test_incomplete_checkpoint_is_ignored_with_a_warning_and_kept(tmp_path, uninterrupted, caplog):
+    """A save killed part-way (here: its commit marker never written) is not resumed from."""
+    cfg = config(tmp_path, "max_steps=4", "sched.max_steps=8")  # the same schedule as 8 steps
+    train(cfg)
+    (Path(cfg.checkpoint_dir) / "4" / checkpoint.COMMIT_MARKER).unlink()
+    assert checkpoint.resume_directory(cfg).endswith("/2")
+    assert "4 is incomplete" in caplog.text
+    train(config(tmp_path))
+    assert rows(cfg.run_dir) == rows(uninterrupted.run_dir)
+
+
+def test_save_and_resume_through_gcs(tmp_path, gcs_server, uninterrupted):  # noqa: F811
+    switch = tmp_path / "STOP"
+    ckpt = f"{gcs_server}/run1/checkpoints"
+    switch.touch()
+    cfg = config(tmp_path, f"checkpoint_dir={ckpt}", f"kill_switch_path={switch}")
+    assert train(cfg).stop_reason == "kill_switch"
+    assert checkpoint.step_directories(ckpt) == {1: True}
+    switch.unlink()
+    train(config(tmp_path, f"checkpoint_dir={ckpt}"))
+    assert rows(cfg.run_dir) == rows(uninterrupted.run_dir)
+    assert_same_weights(f"{ckpt}/8", Path(uninterrupted.checkpoint_dir) / "8")
+
+    listing = subprocess.run([sys.executable, "-m", "clm.checkpoint", "ls", ckpt], capture_output=True, text=True,
+                             cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300)
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines] == ["step=6", "step=8"]
+    assert all("complete" in line and "max_length=64" in line and "size_mb=" in line for line in lines)
+
+
+# ---------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_are_one_line_before_anything_is_written(tmp_path, uninterrupted):
+    cases = {
+        "output_dir=/proc/clm": r"output_dir: cannot write to /proc/clm/moe_trial",
+        f"checkpoint_dir=/proc/clm": r"checkpoint_dir: cannot write to /proc/clm",
+        f"resume={tmp_path / 'nothing'}": r"resume=.*nothing: no complete checkpoint there",
+    }
+    for override, message in cases.items():
+        with pytest.raises(UserError, match=message):
+            train(config(tmp_path / "bad", override))
+    with pytest.raises(UserError, match=r"checkpoint_every=-1: must be >= 0"):
+        config(tmp_path, "checkpoint_every=-1")
+
+
+def test_unreachable_bucket_is_one_line(tmp_path, gcs_server):  # noqa: F811
+    with pytest.raises(UserError, match=r"checkpoint_dir: .*no-such-bucket"):
+        train(config(tmp_path, "checkpoint_dir=gs://no-such-bucket/ckpt"))
+
+
+def test_resume_with_changed_semantics_names_the_knobs(tmp_path, uninterrupted):
+    saved = Path(uninterrupted.checkpoint_dir) / "8"
+    with pytest.raises(UserError, match=r"different knobs: lr \(0.002 -> 0.001\), seed \(0 -> 3\)"):
+        train(config(tmp_path, f"resume={saved}", "lr=1e-3", "seed=3"))
+    # Knobs that only change how long or how often are fine; consent allows the rest.
+    checkpoint.check_config_matches(config(tmp_path, "eval_frequency=3", "log_frequency=2"), str(saved))
+    # max_steps moves the schedule (warmup is a fraction of sched.max_steps) unless it is pinned.
+    with pytest.raises(UserError, match=r"sched.max_steps \(8 -> 20\)"):
+        checkpoint.check_config_matches(config(tmp_path, "max_steps=20"), str(saved))
+    checkpoint.check_config_matches(config(tmp_path, "max_steps=20", "sched.max_steps=8"), str(saved))
+    checkpoint.check_config_matches(config(tmp_path, f"resume={saved}", "lr=1e-3", "allow_config_change=true"),
+                                    str(saved))
+
+
+def test_checkpoint_of_another_architecture_names_the_tensors(tmp_path, uninterrupted):
+    model_json = json.loads((REPO / "clm/model/configs/mixtral_tiny.json").read_text())
+    model_json["intermediate_size"] = 224
+    (tmp_path / "narrow.json").write_text(json.dumps(model_json))
+    saved = Path(uninterrupted.checkpoint_dir) / "8"
+    with pytest.raises(UserError, match=r"different model architecture .*gate_up_proj \[8, 896, 128\] vs \[8, 448, 128\]"):
+        train(config(tmp_path, f"resume={saved}", "allow_config_change=true",
+                     f"model.config_path={tmp_path / 'narrow.json'}"))
+
+
+# -------------------------------------------------------------- real processes
+
+
+def launch(output_dir, *overrides, model_json=None) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3")
+    args = [f"output_dir={output_dir}", *RUN, *overrides]
+    return subprocess.Popen([sys.executable, str(REPO / "run_clm.py"), *args], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(predicate, process, timeout=600.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert process.poll() is None, f"the run ended before {what}: {process.stdout.read()[-3000:]}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def complete(run_dir, step) -> bool:
+    return (Path(run_dir) / "checkpoints" / str(step) / checkpoint.COMMIT_MARKER).exists()
+
+
+def finish(process) -> tuple[int, str]:
+    output, _ = process.communicate(timeout=900)
+    return process.returncode, output
+
+
+def test_kill_9_at_a_random_step_then_the_same_command_continues_bitwise(tmp_path, uninterrupted):
+    run_dir = tmp_path / "moe_trial"
+    process = launch(tmp_path)
+    wait_for(lambda: complete(run_dir, 2), process, what="the first checkpoint")
+    time.sleep(random.uniform(0, 4))  # somewhere in steps 2..8
+    process.send_signal(signal.SIGKILL)
+    code, _ = finish(process)
+    assert code == -signal.SIGKILL
+
+    code, output = finish(launch(tmp_path))
+    assert code == 0, output[-3000:]
+    assert "resumed from" in output
+    assert rows(run_dir) == rows(uninterrupted.run_dir)
+    assert_same_weights(run_dir / "checkpoints/8", Path(uninterrupted.checkpoint_dir) / "8")
+
+
+def test_sigterm_saves_and_exits_75_even_when_sent_twice_then_resumes(tmp_path, uninterrupted):
+    run_dir = tmp_path / "moe_trial"
+    process = launch(tmp_path, "checkpoint_every=0")
+    wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(rows(run_dir)) >= 3, process,
+             what="step 2's metrics")
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGTERM)  # e.g. during the save: only noted
+    code, output = finish(process)
+    assert code == EXIT_PREEMPTED, output[-3000:]
+    steps = checkpoint.step_directories(str(run_dir / "checkpoints"))
+    assert len(steps) == 1 and all(steps.values()) and 2 <= next(iter(steps)) < 8
+
+    code, output = finish(launch(tmp_path, "checkpoint_every=0"))
+    assert code == 0, output[-3000:]
+    assert rows(run_dir) == rows(uninterrupted.run_dir)
+
+
+def test_a_process_killed_during_a_save_resumes_from_the_previous_checkpoint(tmp_path):
+    """A model large enough that a save takes a while (about 1 GB with AdamW's state): kill -9
+    while checkpoint 4 is being written, after checkpoint 2 is complete."""
+    model_json = json.loads((REPO / "clm/model/configs/mixtral_tiny.json").read_text())
+    model_json.update(hidden_size=512, intermediate_size=1792, num_attention_heads=8, num_key_value_heads=4)
+    (tmp_path / "wide.json").write_text(json.dumps(model_json))
+    run_dir = tmp_path / "moe_trial"
+    overrides = (f"model.config_path={tmp_path / 'wide.json'}", "max_steps=6", "eval_frequency=100",
+                 "do_first_eval=false", "checkpoints_to_keep=0")
+    process = launch(tmp_path, *overrides)
+    wait_for(lambda: complete(run_dir, 2), process, what="checkpoint 2")
+    wait_for(lambda: (run_dir / "checkpoints/4").exists(), process, what="the save of checkpoint 4 to start")
+    process.send_signal(signal.SIGKILL)
+    finish(process)
+    assert checkpoint.step_directories(str(run_dir / "checkpoints")) == {2: True, 4: False}
+
+    code, output = finish(launch(tmp_path, *overrides))
+    assert code == 0, output[-3000:]
+    assert "checkpoints/4 is incomplete" in output and "resumed from" in output and "(step 2)" in output
+    assert [r[0] for r in rows(run_dir)] == [1, 2, 3, 4, 5, 6]
+    assert checkpoint.step_directories(str(run_dir / "checkpoints")) == {2: True, 4: True, 6: True}
+
+
+def test_bad_checkpoint_input_is_one_line_and_exit_2(tmp_path):
+    code, output = finish(launch(tmp_path, "checkpoint_dir=/proc/clm-checkpoints"))
+    assert code == EXIT_USER_ERROR
+    assert output.strip().splitlines()[-1].startswith("error: checkpoint_dir: cannot write to /proc/clm-checkpoints")
+    assert "Traceback" not in output
