@@ -234,9 +234,13 @@ def test_missing_split_column_and_empty_split_are_one_line_each(tmp_path, texts,
     assert "its columns:" in message and "text" in message and "url" in message
 
 
-def test_missing_local_path_is_one_line(tmp_path):
+def test_missing_local_path_and_unknown_configuration_are_one_line(tmp_path, texts):
     message = one_line_error(hf_cfg(tmp_path / "nowhere", tmp_path, False))
     assert message.startswith(f"dataset.dataset_name={tmp_path / 'nowhere'}: no such file or directory")
+    source = write_parquet_folder(tmp_path / "corpus", texts[:3], texts[3:4])
+    message = one_line_error(hf_cfg(source, tmp_path, False, dataset={"dataset_config_name": "wikitext-2-raw-v1"}))
+    assert message.startswith("dataset.dataset_config_name=wikitext-2-raw-v1:") and "'default'" in message
+    assert "null for a local folder" in message
 
 
 def run_module(args: list[str], **env) -> subprocess.CompletedProcess:
@@ -258,7 +262,7 @@ def test_hub_name_without_network_is_one_line(tmp_path, offline):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: dataset.dataset_name=wikitext:") and "cannot be reached (no network" in lines[0]
-    assert "save_to_disk(DIR)" in lines[0] and "dataset.dataset_name=DIR" in lines[0]
+    assert "save_to_disk(DIR)" in lines[0] and "dataset.dataset_name=DIR dataset.dataset_config_name=null" in lines[0]
 
 
 def test_trainer_checks_the_split_before_compiling(tmp_path, texts):

@@ -31,7 +31,7 @@ from typing import Iterator
 from clm.data.sources import DocumentChunk
 from clm.errors import UserError
 
-READ_ROWS = 256  # rows per read from the split; a chunk ends at a read's end
+READ_ROWS = 64  # rows per read from the split; a chunk ends at a read's end
 CHUNK_CHARS = 1 << 18  # as the file reader's chunks
 TEXT_TYPES = ("string", "large_string")
 HUB_PROBE_SECONDS = 3.0
@@ -218,7 +218,7 @@ def load_splits(name: str, config_name: str | None, streaming: bool, cache_dir: 
             f"{knob}: not a local path, and the Hugging Face hub cannot be reached (no network, or "
             "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE set) with no cached copy; where there is network, save it with "
             f"datasets.load_dataset({name!r}{', ' + repr(config_name) if config_name else ''}).save_to_disk(DIR), "
-            "then set dataset.dataset_name=DIR"
+            "then set dataset.dataset_name=DIR dataset.dataset_config_name=null"
         ) from None
     except datasets.exceptions.DatasetNotFoundError:
         raise UserError(f"{knob}: no such dataset on the Hugging Face hub, and no such local path") from None
@@ -227,7 +227,9 @@ def load_splits(name: str, config_name: str | None, streaming: bool, cache_dir: 
         if empty:  # a split without rows cannot be loaded, even when unused
             raise UserError(f"{knob}: split {empty.group(1)} is empty; remove it, or give it rows (and point "
                             "dataset.train_split / dataset.eval_split at splits with rows)") from None
-        knob = f"dataset.dataset_config_name={config_name}" if "config" in str(e).lower() else knob
+        if "config" in str(e).lower():
+            raise UserError(f"dataset.dataset_config_name={config_name}: {_first_line(e)} (null for a local "
+                            "folder or save_to_disk copy)") from None
         raise UserError(f"{knob}: {_first_line(e)}") from None
     except (FileNotFoundError, datasets.exceptions.DataFilesNotFoundError) as e:
         raise UserError(f"{knob}: {_first_line(e)}; give a save_to_disk directory or a folder of "
