@@ -297,3 +297,24 @@ def test_check_cli_on_a_parquet_folder_is_quiet(tmp_path, texts):
     # No progress bars or per-file log lines from `datasets`.
     assert "%|" not in result.stderr and "Generating" not in result.stderr, result.stderr
     assert len(result.stderr.splitlines()) <= 2, result.stderr
+
+
+def test_cached_loading_honours_load_from_cache_file_and_num_proc(tmp_path, texts):
+    from clm.data import hf_datasets
+
+    source = write_parquet_folder(tmp_path / "corpus", texts[:12], texts[12:14])
+    cache = tmp_path / "hf-cache"
+
+    def load(load_from_cache_file: bool, num_proc: int = 1):
+        hf_datasets.load_splits.cache_clear()  # a new process, as far as loading goes
+        split = hf_datasets.DatasetSplit(str(source), None, "train", "text", False, str(cache), num_proc,
+                                         load_from_cache_file)
+        rows = split.load()["text"]
+        return rows, {p: p.stat().st_mtime_ns for p in cache.rglob("*.arrow")}
+
+    rows, first = load(True)
+    assert rows == texts[:12] and first
+    assert load(True)[1] == first  # datasets' prepared cache reused
+    rows, rebuilt = load(False)
+    assert rows == texts[:12] and rebuilt.keys() == first.keys() and all(rebuilt[p] != first[p] for p in first)
+    assert load(False, num_proc=2)[0] == texts[:12]  # prepared by 2 processes, one per file or more

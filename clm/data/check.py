@@ -2,9 +2,9 @@
 
     python -m clm.data.check [--num-devices N] [hydra overrides ...]
 
-Lists expected vs found files (or the `datasets` splits), runs the real training stream for one micro-batch and
-counts the documents and tokens it read, decodes a few of its packed blocks, and builds
-the eval set to report its blocks and padding. Bad input: one line, exit status 2 (as run_clm.py).
+Lists expected vs found files (or the `datasets` splits), runs the real training stream
+for one micro-batch and counts the documents and tokens it read, decodes a few of its
+packed blocks, and builds the eval set to report its blocks and padding. Bad input: one line, exit status 2 (as run_clm.py).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import argparse
 import sys
 
 from clm.config import load_config
-from clm.data.eval_set import build_eval_set
 from clm.data import hf_datasets
+from clm.data.eval_set import build_eval_set
 from clm.data.sources import FileListing, is_file_source, list_split, validate_dataset
 from clm.data.tokenizer import load_tokenizer
 from clm.data.train_stream import build_train_stream

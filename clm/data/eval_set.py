@@ -1,11 +1,11 @@
 """The evaluation set, exactly as the reference builds it, minus its -100 input ids.
 
 The whole validation set (its first n_eval_examples documents when set; for a `datasets`
-source, the rows of dataset.eval_split) is tokenized without BOS/EOS, concatenated in file order and cut into max_length blocks; the last
-block is padded. Then fully ignored blocks pad the count to a multiple of
-global_eval_batch_size. Padded positions get the tokenizer's EOS id as input (a valid id;
-the reference fed -100, which works only by accident on TPU) and cfg.pad_token_id as
-label, so they weigh nothing in the token-weighted eval loss.
+source, the rows of dataset.eval_split) is tokenized without BOS/EOS, concatenated in file
+order and cut into max_length blocks; the last block is padded. Then fully ignored blocks
+pad the count to a multiple of global_eval_batch_size. Padded positions get the tokenizer's
+EOS id as input (a valid id; the reference fed -100, which works only by accident on TPU)
+and cfg.pad_token_id as label, so they weigh nothing in the token-weighted eval loss.
 
 Every process tokenizes the whole set: the block boundaries depend on every document
 before them, and the 24,567 validation documents take seconds. Each process keeps only
