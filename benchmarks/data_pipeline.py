@@ -9,6 +9,9 @@ sentences and documents of C4-like lengths) as 4 files, then measures on each fi
   multi_worker_tokens_per_s  the same with dataset.num_proc=--workers
   multi_worker_cores_used    its CPU seconds per second; well below --workers means other
                              programs held the cores, and the multi-worker rate says little
+  data_pipeline[datasets]    the same texts as parquet files read through Hugging Face
+                             `datasets` (dataset.dataset_name=DIR, streaming), num_proc=1;
+                             printed on its own line before the summary
 The pipeline runs use the real config (clm.config.load_config) at max_length 32768 and
 stop once the file has been packed whole; the rates are totals over the 4 rounds.
 
@@ -21,6 +24,8 @@ import argparse
 import collections
 import gzip
 import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files only: nothing may try the network
 import re
 import sys
 import tempfile
@@ -109,16 +114,28 @@ def time_tokenizer(tokenizer, documents: list[str], chunk_chars: int = 1 << 18) 
     return tokens, clock.stop()
 
 
-def time_pipeline(path: Path, tokenizer, num_proc: int) -> Clock:
+def write_parquet(directory: Path, documents: list[str]) -> None:
+    import datasets
+
+    datasets.disable_progress_bars()
+    directory.mkdir()
+    datasets.Dataset.from_dict({"text": documents}).to_parquet(directory / "train-00000-of-00001.parquet")
+
+
+def time_pipeline(path: Path, tokenizer, num_proc: int, streaming: bool | None = None) -> Clock:
     """The time build_train_stream takes to pack every token of the file.
 
     Its rate counts the file's tokens (the tokenizer's count of the same texts): by the time
     the stream reports the second epoch its reader has already run ahead into that epoch,
     so the stream's own token counter would credit it with tokens of the next pass.
     """
+    source = (
+        ["dataset.dataset_name=json"] if streaming is None
+        else [f"dataset.dataset_name={path}", f"dataset.streaming={str(streaming).lower()}", f"cache_local_dir={path}.cache"]
+    )
     cfg = load_config(
         [
-            "dataset.dataset_name=json",
+            *source,
             f"dataset.train_dataset_path={path}",
             f"dataset.num_proc={num_proc}",
             f"dataset.shuffle_buffer_size={SHUFFLE_BUFFER_BLOCKS}",
@@ -145,22 +162,25 @@ def main() -> None:
     tokenizer = load_tokenizer(None)
     documents = synthetic_documents(args.megabytes)
     text_mb = sum(len(d.encode()) for d in documents) / 1e6
-    totals = {name: [0, 0.0, 0.0] for name in ("tokenizer", "pipeline", "multi_worker")}  # tokens, wall, cpu
+    names = ("tokenizer", "pipeline", "multi_worker", "datasets")
+    totals = {name: [0, 0.0, 0.0] for name in names}  # tokens, wall, cpu
     with tempfile.TemporaryDirectory() as tmp:
         parts = [documents[i::ROUNDS] for i in range(ROUNDS)]
         paths = [Path(tmp) / f"c4-train.{768 + i:05d}-of-01024.json.gz" for i in range(ROUNDS)]
         for path, part in zip(paths, parts):
             write_shard(path, part)
+            write_parquet(path.with_suffix(".parquet.d"), part)
         gzipped_mb = sum(p.stat().st_size for p in paths) / 1e6
         print(f"shard: {len(documents)} documents, {text_mb:.1f} MB of text, "
               f"{gzipped_mb:.1f} MB gzipped in {ROUNDS} files")
-        # Round-robin over the files, so a change in machine load hits all three alike.
+        # Round-robin over the files, so a change in machine load hits all runs alike.
         for path, part in zip(paths, parts):
             tokens, tokenizer_clock = time_tokenizer(tokenizer, part)
             for name, clock in (
                 ("tokenizer", tokenizer_clock),
                 ("pipeline", time_pipeline(path, tokenizer, num_proc=1)),
                 ("multi_worker", time_pipeline(path, tokenizer, num_proc=args.workers)),
+                ("datasets", time_pipeline(path.with_suffix(".parquet.d"), tokenizer, num_proc=1, streaming=True)),
             ):
                 totals[name][0] += tokens
                 totals[name][1] += clock.wall
@@ -169,8 +189,9 @@ def main() -> None:
                       for name, (tokens, wall, cpu) in totals.items())
             print("  " + "  ".join(so_far))
 
-    tokenizer_rate, rate, multi_rate = (tokens / wall for tokens, wall, _ in totals.values())
+    tokenizer_rate, rate, multi_rate, datasets_rate = (tokens / wall for tokens, wall, _ in totals.values())
     multi_worker_cores = totals["multi_worker"][2] / totals["multi_worker"][1]
+    print(f"data_pipeline[datasets]: tokens_per_s={datasets_rate:.0f} ratio_to_tokenizer={datasets_rate / tokenizer_rate:.3f}")
     print(
         f"data_pipeline: tokens_per_s={rate:.0f} tokenizer_tokens_per_s={tokenizer_rate:.0f} "
         f"ratio_to_tokenizer={rate / tokenizer_rate:.3f} workers={args.workers} "

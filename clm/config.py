@@ -66,6 +66,10 @@ class SchedConfig:
 @dataclass
 class DatasetConfig:
     dataset_name: str = MISSING
+    dataset_config_name: Optional[str] = MISSING
+    text_column: str = MISSING
+    train_split: str = MISSING
+    eval_split: str = MISSING
     train_dataset_path: Optional[str] = MISSING
     eval_dataset_path: Optional[str] = MISSING
     streaming: bool = MISSING

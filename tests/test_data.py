@@ -75,6 +75,10 @@ def make_cfg(train: str, eval: str | None = None, **overrides) -> OmegaConf:
         "model": {"tokenizer_name_or_path": None},
         "dataset": {
             "dataset_name": "json",
+            "dataset_config_name": None,
+            "text_column": "text",
+            "train_split": "train",
+            "eval_split": "validation",
             "train_dataset_path": train,
             "eval_dataset_path": eval or train,
             "streaming": True,

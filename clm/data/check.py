@@ -2,9 +2,9 @@
 
     python -m clm.data.check [--num-devices N] [hydra overrides ...]
 
-Lists expected vs found files, runs the real training stream for one micro-batch and
-counts the documents and tokens it read, decodes a few of its packed blocks, and builds
-the eval set to report its blocks and padding. Bad input: one line, exit status 2 (as run_clm.py).
+Lists expected vs found files (or the `datasets` splits), runs the real training stream
+for one micro-batch and counts the documents and tokens it read, decodes a few of its
+packed blocks, and builds the eval set to report its blocks and padding. Bad input: one line, exit status 2 (as run_clm.py).
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import argparse
 import sys
 
 from clm.config import load_config
+from clm.data import hf_datasets
 from clm.data.eval_set import build_eval_set
-from clm.data.sources import FileListing, list_split
+from clm.data.sources import FileListing, is_file_source, list_split, validate_dataset
 from clm.data.tokenizer import load_tokenizer
 from clm.data.train_stream import build_train_stream
 from clm.errors import run_command
@@ -33,10 +34,15 @@ def print_listing(split: str, listing: FileListing) -> None:
 
 
 def check(cfg, num_blocks_shown: int) -> None:
-    for split in ("train", "eval"):
-        listing = list_split(cfg.dataset, split)
-        print_listing(split, listing)
-        listing.check()
+    if is_file_source(cfg.dataset):
+        for split in ("train", "eval"):
+            listing = list_split(cfg.dataset, split)
+            print_listing(split, listing)
+            listing.check()
+    else:
+        validate_dataset(cfg)
+        for which in ("train", "eval"):
+            print(f"{which} split: {hf_datasets.describe(hf_datasets.split_of(cfg, which))}")
 
     tokenizer = load_tokenizer(cfg.model.tokenizer_name_or_path, cfg.cache_local_dir)
     print(f"tokenizer: {tokenizer.name} (vocab {tokenizer.vocab_size}, bos {tokenizer.bos_id}, eos {tokenizer.eos_id})")

@@ -1,11 +1,11 @@
 """The evaluation set, exactly as the reference builds it, minus its -100 input ids.
 
-The whole validation set (its first n_eval_examples documents when set) is tokenized
-without BOS/EOS, concatenated in file order and cut into max_length blocks; the last
-block is padded. Then fully ignored blocks pad the count to a multiple of
-global_eval_batch_size. Padded positions get the tokenizer's EOS id as input (a valid id;
-the reference fed -100, which works only by accident on TPU) and cfg.pad_token_id as
-label, so they weigh nothing in the token-weighted eval loss.
+The whole validation set (its first n_eval_examples documents when set; for a `datasets`
+source, the rows of dataset.eval_split) is tokenized without BOS/EOS, concatenated in file
+order and cut into max_length blocks; the last block is padded. Then fully ignored blocks
+pad the count to a multiple of global_eval_batch_size. Padded positions get the tokenizer's
+EOS id as input (a valid id; the reference fed -100, which works only by accident on TPU)
+and cfg.pad_token_id as label, so they weigh nothing in the token-weighted eval loss.
 
 Every process tokenizes the whole set: the block boundaries depend on every document
 before them, and the 24,567 validation documents take seconds. Each process keeps only
@@ -21,7 +21,7 @@ from typing import Iterator
 import numpy as np
 
 from clm.data.encode import tokenize_chunks
-from clm.data.sources import ShardUnit, list_split, read_chunks
+from clm.data.sources import ShardUnit, is_file_source, list_split
 from clm.errors import UserError
 
 
@@ -65,10 +65,17 @@ def build_eval_set(cfg, tokenizer, process_index: int = 0, process_count: int = 
         raise UserError(
             f"global_eval_batch_size={global_batch_size} must be a multiple of the {process_count} processes"
         )
-    files = list_split(cfg.dataset, "eval").check()
-    tokens, stats = _tokenize_documents(files, tokenizer, cfg.n_eval_examples, cfg.dataset.num_proc or 1)
+    if is_file_source(cfg.dataset):
+        units = [ShardUnit(path) for path in list_split(cfg.dataset, "eval").check()]
+        source = f"dataset.eval_dataset_path={cfg.dataset.eval_dataset_path}"
+    else:
+        from clm.data import hf_datasets
+
+        units = hf_datasets.eval_units(cfg)
+        source = f"dataset.eval_split={cfg.dataset.eval_split} of dataset.dataset_name={cfg.dataset.dataset_name}"
+    tokens, stats = _tokenize_documents(units, tokenizer, cfg.n_eval_examples, cfg.dataset.num_proc or 1)
     if len(tokens) == 0:
-        raise UserError(f"dataset.eval_dataset_path={cfg.dataset.eval_dataset_path}: no documents with text found")
+        raise UserError(f"{source}: no documents with text found")
 
     L = cfg.max_length
     num_blocks = -(-len(tokens) // L)
@@ -97,15 +104,15 @@ def build_eval_set(cfg, tokenizer, process_index: int = 0, process_count: int = 
     )
 
 
-def _tokenize_documents(files: list[str], tokenizer, max_documents: int | None, num_workers: int):
-    """All documents' tokens concatenated in file order, and the reading counters."""
+def _tokenize_documents(units: list, tokenizer, max_documents: int | None, num_workers: int):
+    """All documents' tokens concatenated in unit (file) order, and the reading counters."""
     pieces, stats = [], Counter(documents=0, skipped_lines=0, replaced_utf8_lines=0)
     with ThreadPoolExecutor(num_workers, thread_name_prefix="clm-tokenize") as executor:
-        for path in files:
+        for unit in units:
             remaining = None if max_documents is None else max_documents - stats["documents"]
             if remaining == 0:
                 break
-            chunks = read_chunks(ShardUnit(path), max_documents=remaining)
+            chunks = unit.read_chunks(max_documents=remaining)
             for chunk, tokens in tokenize_chunks(tokenizer, chunks, executor, num_workers):
                 stats.update(chunk.stats)
                 pieces.append(tokens)

@@ -1,11 +1,16 @@
 """Where the documents come from: the expected files, and reading them as JSON lines.
 
-Two datasets (`dataset.dataset_name`):
+`dataset.dataset_name` picks the source:
   c4_mlperf  the MLPerf C4 resplit: c4-train.{00768..01023}-of-01024.json[.gz] under
              dataset.train_dataset_path, c4-validation_24567exp.json[.gz] under
              dataset.eval_dataset_path (local directories or gs:// prefixes).
   json       the user's own JSON lines with a "text" field: a file, a directory (its
              .json/.jsonl files, gzipped or not) or a glob, local or gs://.
+  any other  a Hugging Face `datasets` name or local path (clm.data.hf_datasets).
+
+A source hands the rest of the pipeline "units" (ShardUnit here, DatasetUnit there): each
+reads its documents in DocumentChunks from a resume position, so packing, shuffling,
+batching, the eval set and the resumable position are the same code for every source.
 
 Reading is forgiving where the reference's datasets loader would crash mid-run: a corrupt
 line is skipped and counted, invalid UTF-8 is replaced (U+FFFD) and counted.
@@ -16,6 +21,7 @@ from __future__ import annotations
 import gzip
 import itertools
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -74,8 +80,8 @@ def list_split(dataset_cfg, split: str) -> FileListing:
     if not location:
         raise UserError(f"{knob} is not set; give a local directory or a gs:// prefix")
     name = dataset_cfg.dataset_name
-    if name not in ("c4_mlperf", "json"):
-        raise UserError(f"dataset.dataset_name={name}: unknown; use c4_mlperf (the MLPerf C4 resplit) or json")
+    if not is_file_source(dataset_cfg):
+        raise ValueError(f"dataset.dataset_name={name} is a `datasets` source: it has no file listing")
     try:
         if name == "c4_mlperf":
             return _list_c4(knob, location, C4_TRAIN_FILES if split == "train" else C4_VALIDATION_FILES)
@@ -84,9 +90,23 @@ def list_split(dataset_cfg, split: str) -> FileListing:
         raise UserError(f"{knob}: {error}") from None
 
 
+FILE_SOURCES = ("c4_mlperf", "json")
+
+
+def is_file_source(dataset_cfg) -> bool:
+    """C4-layout or JSON-lines files read by this module; otherwise a `datasets` source."""
+    return dataset_cfg.dataset_name in FILE_SOURCES
+
+
 def validate_dataset(cfg) -> None:
-    """Cheap checks (listings only, nothing read) that every expected file is there and not
-    empty; call it before compiling anything so bad paths fail in seconds."""
+    """Checks that fail in seconds, before anything compiles. Files: listings only, nothing
+    read, every expected file there and not empty. `datasets`: the name resolves, both
+    splits exist, hold rows and have the text column."""
+    if not is_file_source(cfg.dataset):
+        from clm.data import hf_datasets
+
+        hf_datasets.validate(cfg)
+        return
     for split in ("train", "eval"):
         list_split(cfg.dataset, split).check()
 
@@ -143,13 +163,23 @@ class ShardUnit:
     part: int = 0
     num_parts: int = 1
 
+    @property
+    def key(self) -> str:
+        # The file's name rather than its full path: a dataset copied to another bucket resumes fine.
+        return f"{os.path.basename(self.path)}:{self.part}/{self.num_parts}"
+
+    def read_chunks(self, start_line=0, max_documents: int | None = None) -> Iterator[DocumentChunk]:
+        return read_chunks(self, start_line, max_documents)
+
 
 @dataclass
 class DocumentChunk:
     """Consecutive documents of a unit, and where reading resumes after them."""
 
     texts: list[str]
-    end_line: int  # index of the first line after this chunk
+    # Where reading resumes after this chunk, as the unit's read_chunks takes it: the index of
+    # the first line (row) after it, or a streaming `datasets` split's own position.
+    end_line: int | dict
     at_end: bool  # the last chunk of the unit
     stats: Counter  # documents, skipped_lines, replaced_utf8_lines within these lines
 

@@ -3,8 +3,9 @@
 Per process (host), in this order:
 1. Shard. The process reads only its units: files p, p+P, ... of the sorted file list
    (P processes). With fewer files than processes each file is split into line-interleaved
-   parts first, so every process has work. Which blocks exist depends only on the unit,
-   never on the reading order or the host count.
+   parts first, so every process has work. A `datasets` split counts as one file (its rows
+   are its lines). Which blocks exist depends only on the unit, never on the reading order
+   or the host count.
 2. Pack. A unit's documents are tokenized (no BOS/EOS), concatenated and cut into
    max_length blocks. The last partial block of a unit is dropped: at most max_length - 1
    tokens per file, about 0.02% of a C4 file at 32768 (the reference pads it with -100
@@ -31,7 +32,6 @@ import dataclasses
 import itertools
 import logging
 import math
-import os
 import queue
 import threading
 from collections import Counter
@@ -41,7 +41,7 @@ from typing import Iterator
 import numpy as np
 
 from clm.data.encode import tokenize_chunks
-from clm.data.sources import ShardUnit, list_split, read_chunks
+from clm.data.sources import ShardUnit, is_file_source, list_split
 from clm.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class _Position:
 
     epoch: int = 0
     unit: int = 0  # index into this epoch's unit order
-    line: int = 0  # lines of that unit already read
+    line: int | dict = 0  # where that unit's reading resumes (DocumentChunk.end_line); 0 = its start
     pending: np.ndarray = dataclasses.field(default_factory=lambda: EMPTY_TOKENS)  # read, not yet in a block
     buffer: list = dataclasses.field(default_factory=list)  # the shuffle buffer's blocks
     rng_state: dict | None = None
@@ -79,7 +79,7 @@ class TrainStream:
 
     def __init__(
         self,
-        units: list[ShardUnit],
+        units: list,  # ShardUnit, or clm.data.hf_datasets.DatasetUnit: anything with read_chunks and key
         tokenizer,
         *,
         max_length: int,
@@ -91,6 +91,7 @@ class TrainStream:
         process_index: int = 0,
         process_count: int = 1,
         prefetch_batches: int = 2,
+        source: str = "dataset.train_dataset_path",  # the knob that names the data, for error messages
     ):
         self.units = units
         self.tokenizer = tokenizer
@@ -103,6 +104,7 @@ class TrainStream:
         self.process_index = process_index
         self.process_count = process_count
         self.prefetch_batches = prefetch_batches
+        self.source = source
         self._delivered = _Position()
         self._producer: threading.Thread | None = None
         self._stop = threading.Event()
@@ -237,7 +239,7 @@ class TrainStream:
             order = self._unit_order(position.epoch)
             while position.unit < len(order):
                 unit = self.units[order[position.unit]]
-                chunks = read_chunks(unit, start_line=position.line)
+                chunks = unit.read_chunks(start_line=position.line)
                 for chunk, tokens in tokenize_chunks(self.tokenizer, chunks, executor, self.num_workers):
                     position.stats.update(chunk.stats)
                     position.stats["tokens"] += len(tokens)
@@ -252,7 +254,7 @@ class TrainStream:
                         position.unit, position.line, position.pending = position.unit + 1, 0, EMPTY_TOKENS
             if from_epoch_start and blocks_this_epoch == 0:
                 raise UserError(
-                    f"dataset.train_dataset_path: process {self.process_index}'s share of the training files "
+                    f"{self.source}: process {self.process_index}'s share of the training data "
                     f"holds no block of max_length={L} tokens; use a smaller max_length or more data"
                 )
             position.epoch, position.unit = position.epoch + 1, 0
@@ -275,9 +277,8 @@ class TrainStream:
         return np.random.default_rng([self.seed, self.process_index, epoch]).permutation(len(self.units))
 
     def _layout(self) -> dict:
-        # Names rather than full paths: a dataset copied to another bucket resumes fine.
         return {
-            "units": [f"{os.path.basename(u.path)}:{u.part}/{u.num_parts}" for u in self.units],
+            "units": [u.key for u in self.units],
             "process_index": self.process_index,
             "process_count": self.process_count,
             "max_length": self.max_length,
@@ -305,9 +306,16 @@ def build_train_stream(cfg, tokenizer, process_index: int = 0, process_count: in
             f"global_train_batch_size={cfg.global_train_batch_size} must be a multiple of "
             f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} x {process_count} processes"
         )
-    files = list_split(cfg.dataset, "train").check()
+    if is_file_source(cfg.dataset):
+        units = shard_units(list_split(cfg.dataset, "train").check(), process_index, process_count)
+        source = "dataset.train_dataset_path"
+    else:
+        from clm.data import hf_datasets
+
+        units = hf_datasets.train_units(cfg, process_index, process_count)
+        source = f"dataset.train_split={cfg.dataset.train_split} of dataset.dataset_name={cfg.dataset.dataset_name}"
     return TrainStream(
-        shard_units(files, process_index, process_count),
+        units,
         tokenizer,
         max_length=cfg.max_length,
         local_batch_size=micro_batch_size // process_count,
@@ -317,4 +325,5 @@ def build_train_stream(cfg, tokenizer, process_index: int = 0, process_count: in
         num_workers=cfg.dataset.num_proc or 1,
         process_index=process_index,
         process_count=process_count,
+        source=source,
     )
