@@ -53,10 +53,15 @@ def exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def error_file_name(index: int) -> str:
+    # The hostname too: on TPU VMs without TPU_WORKER_ID every host would be index 0.
+    return f"host-{index}-{socket.gethostname()}.err"
+
+
 def peer_error(error_dir: Path, index: int, since: float) -> tuple[int, str] | None:
     """(exit code, report) of another host that failed during this attempt, if any."""
     for path in sorted(error_dir.glob("host-*.err")):
-        if path.name == f"host-{index}.err":
+        if path.name == error_file_name(index):
             continue
         try:
             if path.stat().st_mtime < since:  # left by an earlier attempt of the job
@@ -73,9 +78,9 @@ def report_failure(error_dir: Path | None, index: int, code: int, report: str) -
     print(f"clm: {report}", file=sys.stderr, flush=True)
     if error_dir is not None:
         error_dir.mkdir(parents=True, exist_ok=True)
-        tmp = error_dir / f".host-{index}.err.tmp"
+        tmp = error_dir / f".{error_file_name(index)}.tmp"
         tmp.write_text(f"exit_code={code}\n{report}")
-        tmp.replace(error_dir / f"host-{index}.err")  # peers never read half a report
+        tmp.replace(error_dir / error_file_name(index))  # peers never read half a report
 
 
 def stop(child: subprocess.Popen) -> None:
