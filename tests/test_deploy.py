@@ -376,3 +376,12 @@ def test_host_without_permission_on_the_secret_is_one_line(kubernetes_api):
                                                       **kubernetes_api})
     assert host.returncode == EXIT_USER_ERROR
     assert host.stderr.count("\n") == 1 and "may not read Secret team/other-secret" in host.stderr
+
+
+def test_missing_xpk_or_command_is_one_line():
+    launcher = run_launcher(XPK_ARGS, "/nonexistent/xpk")
+    assert launcher.returncode == EXIT_USER_ERROR
+    assert launcher.stderr.count("\n") == 1 and "CLM_XPK=/nonexistent/xpk" in launcher.stderr
+    host = subprocess.run([sys.executable, "-m", "clm.launch.host", "--", "no-such-command"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert host.returncode == EXIT_USER_ERROR and host.stderr.count("\n") == 1

@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from clm.errors import EXIT_OK, EXIT_PREEMPTED, run_command
+from clm.errors import EXIT_OK, EXIT_PREEMPTED, UserError, run_command
 from clm.launch import secrets
 
 TAIL_LINES = 40  # of the failing command's stderr, in its error report
@@ -96,7 +96,10 @@ def supervise(command: list[str], error_dir: Path | None) -> int:
     index, count = host_index(dict(os.environ))
     started = time.time()
     env = secrets.resolve_env(dict(os.environ))
-    child = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
+    try:
+        child = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
+    except FileNotFoundError:
+        raise UserError(f"command {command[0]!r} not found (give it after --, e.g. -- python run_clm.py)") from None
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda signum, _frame: child.send_signal(signum))
 

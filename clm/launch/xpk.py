@@ -85,10 +85,10 @@ def xpk_argv(args: argparse.Namespace) -> list[str]:
 
 
 def xpk_executable() -> str:
-    xpk = os.environ.get(XPK_ENV) or shutil.which("xpk")
+    xpk = shutil.which(os.environ.get(XPK_ENV) or "xpk")
     if not xpk:
-        raise UserError(f"xpk not found: `pip install xpk` (in its own venv if it conflicts) "
-                        f"and put it on PATH or set {XPK_ENV}=/path/to/xpk")
+        raise UserError(f"xpk not found ({XPK_ENV}={os.environ.get(XPK_ENV) or 'unset'}): `pip install xpk` "
+                        f"(in its own venv: its pins conflict with clm's) and set {XPK_ENV}=/path/to/xpk or put it on PATH")
     return xpk
 
 
