@@ -233,12 +233,27 @@ def test_xpk_dry_run_has_our_command_env_and_secret_references_but_no_secret(xpk
     assert jobset["spec"]["failurePolicy"]["maxRestarts"] == 3
 
 
-def test_chart_and_xpk_agree_on_hosts_per_slice(xpk_dry_run):
-    xpk_jobset = yaml.safe_load(xpk_dry_run.stdout.split("# JobSet manifest\n")[1])
-    chart_jobset = the_jobset(render(REPRESENTATIVE_VALUES))
+@pytest.mark.parametrize("tpu_type", ["v4-8", "v5p-512", "v5litepod-256", "v6e-256"])
+def test_chart_lays_out_a_tpu_type_as_xpk_does(tpu_type, xpk_bin):
+    """Same accelerator label, hosts per slice, chips per host and XLA flags for each generation."""
+    args = [tpu_type if a == "v5p-512" else a for a in XPK_ARGS]
+    result = run_launcher(args, xpk_bin)
+    assert result.returncode == 0, result.stderr
+    xpk_jobset = yaml.safe_load(result.stdout.split("# JobSet manifest\n")[1])
+    xpk_pod = xpk_jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    topology = xpk_pod["nodeSelector"]["cloud.google.com/gke-tpu-topology"]
+    chips_per_host = container_of(xpk_jobset)["resources"]["limits"]["google.com/tpu"]
+    chart_jobset = the_jobset(render({**REPRESENTATIVE_VALUES, "tpu": {
+        "generation": job.tpu_generation(tpu_type), "topology": topology, "chipsPerHost": chips_per_host}}))
+    validate(chart_jobset)
+    chart_pod = chart_jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    assert chart_pod["nodeSelector"] == {k: xpk_pod["nodeSelector"][k] for k in chart_pod["nodeSelector"]}
     assert xpk_jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["parallelism"] == \
         chart_jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["parallelism"]
     assert container_of(xpk_jobset)["resources"]["limits"] == container_of(chart_jobset)["resources"]["limits"]
+    xpk_env = {e["name"]: e.get("value") for e in container_of(xpk_jobset)["env"]}
+    chart_env = {e["name"]: e.get("value") for e in container_of(chart_jobset)["env"]}
+    assert chart_env["LIBTPU_INIT_ARGS"] == xpk_env["LIBTPU_INIT_ARGS"]
 
 
 def test_xpk_launcher_bad_tpu_type_is_one_line(xpk_bin):
@@ -250,8 +265,7 @@ def test_xpk_launcher_bad_tpu_type_is_one_line(xpk_bin):
 
 def test_chart_libtpu_flags_are_the_launchers():
     defaults = yaml.safe_load((CHART / "values.yaml").read_text())
-    assert defaults["tpu"]["accelerator"] == "tpu-v5p-slice"
-    assert defaults["tpu"]["libtpuInitArgs"] == job.LIBTPU_INIT_ARGS["v5p"]
+    assert defaults["libtpuInitArgs"] == job.LIBTPU_INIT_ARGS
 
 
 # ------------------------------------------------------------------ the per-host wrapper
@@ -385,3 +399,13 @@ def test_missing_xpk_or_command_is_one_line():
     host = subprocess.run([sys.executable, "-m", "clm.launch.host", "--", "no-such-command"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert host.returncode == EXIT_USER_ERROR and host.stderr.count("\n") == 1
+
+
+def test_host_index_follows_slices_then_workers():
+    from clm.launch.host import host_index
+
+    gke = {"TPU_WORKER_ID": "3", "TPU_WORKER_HOSTNAMES": "a,b,c,d", "MEGASCALE_SLICE_ID": "1",
+           "MEGASCALE_NUM_SLICES": "2"}
+    assert host_index(gke) == (7, 8)
+    assert host_index({"TPU_WORKER_ID": "2"}) == (2, None)  # a TPU VM container: count unknown
+    assert host_index({}) == (0, None)

@@ -34,17 +34,21 @@ POLL_SECONDS = 1.0
 STOP_GRACE_SECONDS = 10  # a host stuck in a collective with a dead peer never exits on SIGTERM
 
 
-def host_index(env: dict[str, str]) -> tuple[int, int]:
-    """(this host's process index, number of hosts), from the variables GKE and TPU VMs set.
+def host_index(env: dict[str, str]) -> tuple[int, int | None]:
+    """(this host's process index, number of hosts or None if unknown), from the variables
+    GKE sets (on a TPU VM pass TPU_WORKER_ID to the container; README).
 
     TPU_WORKER_ID is the host's index in its slice, TPU_WORKER_HOSTNAMES lists the slice's
     hosts, MEGASCALE_SLICE_ID/NUM_SLICES number the slices: the order torch_xla's
     process_index() follows. Read here because this wrapper must not start the TPU runtime:
     only one process per host may open the chips, and that is the trainer.
     """
-    hosts = len(env.get("TPU_WORKER_HOSTNAMES", "localhost").split(","))
+    hostnames = env.get("TPU_WORKER_HOSTNAMES")
+    hosts = len(hostnames.split(",")) if hostnames else None
     worker = int(env.get("TPU_WORKER_ID", "0"))
     slice_id, num_slices = int(env.get("MEGASCALE_SLICE_ID", "0")), int(env.get("MEGASCALE_NUM_SLICES", "1"))
+    if hosts is None:
+        return worker, None
     return slice_id * hosts + worker, num_slices * hosts
 
 
@@ -94,6 +98,7 @@ def stop(child: subprocess.Popen) -> None:
 
 def supervise(command: list[str], error_dir: Path | None) -> int:
     index, count = host_index(dict(os.environ))
+    name = f"host {index}/{count}" if count else f"host {index}"
     started = time.time()
     env = secrets.resolve_env(dict(os.environ))
     try:
@@ -117,7 +122,7 @@ def supervise(command: list[str], error_dir: Path | None) -> int:
         peer = peer_error(error_dir, index, started) if error_dir is not None else None
         if peer is not None:
             code, report = peer
-            print(f"clm: stopping host {index}/{count}: {report}", file=sys.stderr, flush=True)
+            print(f"clm: stopping {name}: {report}", file=sys.stderr, flush=True)
             stop(child)
             return code
         time.sleep(POLL_SECONDS)
@@ -126,7 +131,7 @@ def supervise(command: list[str], error_dir: Path | None) -> int:
     if code not in (EXIT_OK, EXIT_PREEMPTED):
         lines = b"".join(tail).decode(errors="replace").rstrip()
         report_failure(error_dir, index, code,
-                       f"host {index}/{count} ({socket.gethostname()}) failed with exit code {code}:\n{lines}\n")
+                       f"{name} ({socket.gethostname()}) failed with exit code {code}:\n{lines}\n")
     return code
 
 
