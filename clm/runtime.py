@@ -39,14 +39,35 @@ def setup(compile_cache_dir: str | None, full_precision: bool) -> None:
     usable = xr.device_type() != "CPU"
     if compile_cache_dir and usable and not torch_xla._XLAC._xla_computation_cache_is_initialized():
         os.makedirs(compile_cache_dir, exist_ok=True)
-        # Only one process per slice writes, as torch_xla recommends for shared caches.
-        xr.initialize_cache(compile_cache_dir, readonly=xr.process_index() != 0)
+        # One writer, as torch_xla recommends for a cache the hosts share: on a pod, point
+        # local_compile_cache_dir at storage every host mounts (a GCS FUSE path), and the
+        # next launch loads every host's programs from what process 0 wrote on this one.
+        xr.initialize_cache(compile_cache_dir, readonly=not is_main_process())
     if not xr.is_spmd():
         xr.use_spmd()
     if full_precision:
         import torch_xla.backends
 
         torch_xla.backends.set_mat_mul_precision("highest")
+
+
+def process_index() -> int:
+    """This host's index in a multi-host job (0 on a single host), from the TPU runtime."""
+    import torch_xla.runtime as xr
+
+    return xr.process_index()
+
+
+def process_count() -> int:
+    """The number of hosts (processes) of the job, from the TPU runtime."""
+    import torch_xla.runtime as xr
+
+    return xr.process_count()
+
+
+def is_main_process() -> bool:
+    """Process 0: the one host that writes logs, metrics, the MLPerf log, reports and caches."""
+    return process_index() == 0
 
 
 def device_kind() -> str:
