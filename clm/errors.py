@@ -20,7 +20,13 @@ class UserError(Exception):
 
 
 def run_command(command: Callable[[], object]) -> int:
-    """Run a command-line entry point: exit code 0, or 2 with one `error:` line on bad input."""
+    """Run a command-line entry point: exit code 0, or 2 with one `error:` line on bad input.
+
+    Python logging and the console's quiet defaults are set up here, once, for every command.
+    """
+    from clm.observe import console
+
+    console.setup()
     try:
         command()
     except UserError as e:

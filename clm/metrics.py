@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 
 from transformers import MixtralConfig
 
@@ -35,31 +36,70 @@ def mfu(flops_per_token: float, tokens_per_sec: float, num_chips: int, device_ki
 
 
 class MetricsWriter:
-    """One JSON object per logged step in run_dir/metrics.jsonl, mirrored to TensorBoard.
+    """One JSON object per logged step in run_dir/metrics.jsonl, mirrored to TensorBoard and
+    to W&B (when given a run): the same keys in all three.
 
-    Only process 0 writes. Values must already be host floats (step closures hand them over).
+    Only process 0 writes. Values must already be host numbers (step closures hand them
+    over); rows may come from the logging thread and the main thread, hence the lock.
+    Nothing is opened before the first row, so building a writer touches no file.
+
+    Resume: `state_dict()` holds the rows written so far (take it once the step's logging
+    closures have run); a writer given `load_state_dict(state)` keeps those rows of
+    metrics.jsonl at its first write, drops the rows past the checkpoint from the dead run,
+    and goes on; TensorBoard hides the dead run's events past the checkpoint (purge_step).
     """
 
-    def __init__(self, run_dir: str, enabled: bool = True):
+    def __init__(self, run_dir: str, enabled: bool = True, wandb_run=None):
         self.enabled = enabled
-        if not enabled:
-            return
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self._tensorboard_dir = os.path.join(run_dir, "tensorboard")
+        self._wandb = wandb_run
+        self._file = None
+        self._tensorboard = None
+        self._rows = 0
+        self._last_step = -1
+        self._restored: dict | None = None
+        self._lock = threading.Lock()
+
+    def state_dict(self) -> dict:
+        with self._lock:
+            return {"rows": self._rows, "last_step": self._last_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._restored = dict(state)
+        self._rows, self._last_step = state["rows"], state["last_step"]
+
+    def _open(self) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.path = os.path.join(run_dir, "metrics.jsonl")
+        kept = []
+        if self._restored is not None and os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = f.readlines()[: self._restored["rows"]]
         self._file = open(self.path, "w", buffering=1)  # line-buffered: a crash keeps every row written
-        self._tensorboard = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        self._file.writelines(kept)
+        purge = self._restored["last_step"] + 1 if self._restored is not None else None
+        self._tensorboard = SummaryWriter(self._tensorboard_dir, purge_step=purge)
 
     def write(self, step: int, values: dict[str, float | int | None]) -> None:
         if not self.enabled:
             return
         row = {"step": step, **values}
-        self._file.write(json.dumps(row, allow_nan=True) + "\n")
-        for key, value in values.items():
-            if isinstance(value, (int, float)) and value is not None and math.isfinite(value):
-                self._tensorboard.add_scalar(key, value, step)
+        with self._lock:
+            if self._file is None:
+                self._open()
+            self._file.write(json.dumps(row, allow_nan=True) + "\n")
+            self._rows += 1
+            self._last_step = max(self._last_step, step)
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tensorboard.add_scalar(key, value, step)
+            if self._wandb is not None:
+                self._wandb.log(step, values)
 
     def close(self) -> None:
-        if self.enabled:
-            self._file.close()
-            self._tensorboard.close()
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._tensorboard.close()
+                self._file = None

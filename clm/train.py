@@ -1,8 +1,10 @@
 """The trainer: build everything from the config, then train, evaluate and report.
 
-XLA discipline: every step is traced lazily and cut with torch_xla.sync(); values leave
-the device only inside step closures on log steps (and once per eval for the stop check),
-so a step never waits on the host and never recompiles after warm-up.
+XLA discipline: every step is traced lazily and cut with torch_xla.sync(); a step's logged
+values are one stacked tensor in every step's graph, read on log steps by one asynchronous
+step closure (one device-to-host transfer, on torch_xla's closure thread), and the eval loss
+once per eval for the stop check, so a step never waits on the host and never recompiles
+after warm-up.
 """
 
 from __future__ import annotations
@@ -22,7 +24,11 @@ from clm import checkpoint, data, parallel, runtime
 from clm.metrics import MetricsWriter, mfu, reference_flops_per_token, training_flops_per_token
 from clm.model import attention, moe
 from clm.model.build import build_model, load_model_config
-from clm.optim import build_optimizer, build_scheduler
+from clm.observe.mlperf import MLPerfLogger
+from clm.observe.recompiles import RecompileWatch
+from clm.observe.wandb_run import WandbRun
+from clm.optim import build_optimizer, build_scheduler, warmup_steps
+from clm.secrets import redact
 
 # Steps whose timing includes compilation: the first step has no optimizer state yet,
 # the second is the first with it. Later steps are steady state.
@@ -34,11 +40,13 @@ class Summary:
     steps: int = 0
     stop_reason: str = "max_steps"
     eval_loss: float | None = None
+    best_eval_loss: float | None = None
     train_loss: float | None = None
     step_times: list[float] = field(default_factory=list)
     tokens_per_step: int = 0
     mfu: float | None = None
     compiles: int = 0
+    compiles_after_warmup: int = 0  # XLA compilations of a step kind past its warm-up (each one warned about)
     skipped_lines: int = 0  # corrupt JSON lines in this host's data files
     wall_seconds: float = 0.0
 
@@ -58,9 +66,12 @@ class Trainer:
         self.hf_config = hf_config
         self.num_devices = mesh_shape.num_devices
         self.is_main = xr.process_index() == 0
+        self.mlperf = MLPerfLogger(os.path.join(cfg.run_dir, "mlperf_compliance.log"), enabled=self.is_main)
+        self.mlperf.init_start()
         os.makedirs(cfg.run_dir, exist_ok=True)
+        resolved = redact(OmegaConf.to_container(cfg, resolve=True))  # no secret reaches a file or W&B
         if self.is_main:
-            OmegaConf.save(cfg, os.path.join(cfg.run_dir, "config.yaml"), resolve=True)
+            OmegaConf.save(OmegaConf.create(resolved), os.path.join(cfg.run_dir, "config.yaml"))
 
         self.tokenizer = data.load_tokenizer(cfg.model.tokenizer_name_or_path, cfg.cache_local_dir)
 
@@ -84,7 +95,14 @@ class Trainer:
         self.train_batches.start()  # fills the shuffle buffer while the first step compiles
         self.eval_set = data.build_eval_set(cfg, self.tokenizer, **process)
 
-        self.metrics = MetricsWriter(cfg.run_dir, enabled=self.is_main)
+        self.wandb = WandbRun(cfg.wandb, cfg.run_dir, resolved, enabled=self.is_main)
+        self.metrics = MetricsWriter(cfg.run_dir, enabled=self.is_main, wandb_run=self.wandb)
+        self.recompiles = RecompileWatch(runtime.compile_count, runtime.enable_compile_analysis(),
+                                         warmup={"train": WARMUP_STEPS, "eval": 1}, enabled=self.is_main)
+        self.mlperf.run_config(
+            cfg, optimizer_defaults=self.optimizer.defaults, warmup_steps=warmup_steps(cfg.sched),
+            eval_samples=self.eval_set.num_blocks, aux_loss_coef=hf_config.router_aux_loss_coef,
+            platform=f"{runtime.device_kind()}-{self.num_devices}")
         num_params = sum(p.numel() for p in self.model.parameters())
         self.flops_per_token = training_flops_per_token(self.hf_config, cfg.max_length)
         self.reference_flops_per_token = reference_flops_per_token(self.hf_config, num_params)
@@ -92,6 +110,7 @@ class Trainer:
         self.summary = Summary(tokens_per_step=cfg.global_train_batch_size * cfg.max_length)
         self._last_log = (0, time.perf_counter())  # (step, time) of the last train row
         self._step = 0
+        self._step_values: torch.Tensor | None = None  # this step's logged values, on the device
 
     # ------------------------------------------------------------------ the loop
 
@@ -99,24 +118,38 @@ class Trainer:
         cfg = self.cfg
         started = time.perf_counter()
         progress = tqdm(total=cfg.max_steps, desc="train", unit="step", disable=not self.is_main, file=sys.stdout)
+        self.mlperf.run_start()
         if cfg.do_first_eval:
             self.evaluate()
         while self._step < cfg.max_steps and self.summary.stop_reason != "target_reached":
+            self.mlperf.train_block(self.samples_seen)
             if self._step + 1 == cfg.xla_profile_step:
                 self.profile_step()
             else:
                 self.train_step()
+            self.recompiles.observe("train", self._step)
             progress.update(1)
             if self._step % cfg.eval_frequency == 0:
                 self.evaluate()
+        if self._step % cfg.eval_frequency:
+            self.evaluate()  # the final one: the summary, the report and the MLPerf log end on this step
         progress.close()
+        runtime.wait_for_async_closures()
         self.summary.steps = self._step
         self.summary.wall_seconds = time.perf_counter() - started
-        self.summary.compiles = compile_count()
+        self.summary.compiles = runtime.compile_count()
+        self.summary.compiles_after_warmup = self.recompiles.after_warmup
         self.summary.skipped_lines = self.train_batches.stats["skipped_lines"] + self.eval_set.stats["skipped_lines"]
+        self.mlperf.run_stop(self.samples_seen, success=self.summary.stop_reason == "target_reached")
         self.train_batches.close()
         self.metrics.close()
+        self.wandb.finish()
         return self.summary
+
+    @property
+    def samples_seen(self) -> int:
+        """Training sequences so far (MLPerf's samples_count)."""
+        return self._step * self.cfg.global_train_batch_size
 
     def train_step(self) -> None:
         import torch_xla
@@ -149,18 +182,22 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self._step += 1
 
+        # Every step's graph computes and keeps the logged values (a few tiny ops), so log
+        # steps and the others run one and the same compiled graph.
+        lm_loss = torch.stack(lm_losses).mean()
+        aux_loss = torch.stack(aux_losses).mean()
+        device_values = {
+            "train/loss": lm_loss + coef * aux_loss,
+            "train/lm_loss": lm_loss,
+            "train/aux_loss": aux_loss,
+            "train/grad_norm": grad_norm,
+            "train/num_tokens": torch.stack(tokens).sum(),  # float32 below: exact up to 2^24 tokens a step
+            **moe.router_metrics(self.model),
+        }
+        self._step_values = torch.stack([value.float() for value in device_values.values()])
         if self._step % cfg.log_frequency == 0 or self._step == cfg.max_steps:
-            lm_loss = torch.stack(lm_losses).mean()
-            aux_loss = torch.stack(aux_losses).mean()
-            device_values = {
-                "train/loss": lm_loss + coef * aux_loss,
-                "train/lm_loss": lm_loss,
-                "train/aux_loss": aux_loss,
-                "train/grad_norm": grad_norm,
-                "train/num_tokens": torch.stack(tokens).sum(),
-                **moe.router_metrics(self.model),
-            }
-            xm.add_step_closure(self._log_train, args=(self._step, lr, device_values))
+            xm.add_step_closure(self._log_train, args=(self._step, lr, list(device_values), self._step_values),
+                                run_async=True)
         torch_xla.sync()
 
     def profile_step(self) -> None:
@@ -178,6 +215,7 @@ class Trainer:
         """Token-weighted mean loss over every scored label of the validation set."""
         import torch_xla
 
+        self.mlperf.eval_start(self.samples_seen)
         self.model.eval()
         loss_sums, counts = [], []
         with torch.no_grad():
@@ -189,8 +227,12 @@ class Trainer:
                 torch_xla.sync()
         eval_loss = (torch.stack(loss_sums).sum() / torch.stack(counts).sum()).item()
         self.model.train()
+        self.recompiles.observe("eval", self._step)
 
+        self.mlperf.eval_stop(self.samples_seen, eval_loss)
         self.summary.eval_loss = eval_loss
+        self.summary.best_eval_loss = min(eval_loss, self.summary.best_eval_loss or eval_loss)
+        runtime.wait_for_async_closures()  # rows in step order: this step's train row first
         self.metrics.write(self._step, {
             "eval/loss": eval_loss,
             "eval/num_tokens": self.eval_set.num_tokens,
@@ -229,9 +271,10 @@ class Trainer:
         input_ids, labels = xm.send_cpu_data_to_device(tensors, torch_xla.device(), self.input_sharding)
         return input_ids, labels
 
-    def _log_train(self, step: int, lr: float, device_values: dict) -> None:
-        """Runs as a step closure: the step's values have been computed, so reading them costs no stall."""
-        values = {key: value.item() for key, value in device_values.items()}
+    def _log_train(self, step: int, lr: float, keys: list[str], device_values: torch.Tensor) -> None:
+        """Runs as an asynchronous step closure, on torch_xla's closure thread: one transfer for the step's values."""
+        values = dict(zip(keys, device_values.cpu().tolist()))
+        values["train/num_tokens"] = int(values["train/num_tokens"])
         last_step, last_time = self._last_log
         now = time.perf_counter()
         step_time = (now - last_time) / (step - last_step)
@@ -241,9 +284,11 @@ class Trainer:
             "train/lr": lr,
             "perf/step_time_seconds": step_time,
             "perf/tokens_per_sec": tokens_per_sec,
+            "perf/tokens_per_sec_per_device": tokens_per_sec / self.num_devices,
             "perf/mfu": mfu(self.flops_per_token, tokens_per_sec, self.num_devices, self.device_kind),
             "perf/reference_mfu": mfu(self.reference_flops_per_token, tokens_per_sec, self.num_devices, self.device_kind),
             "data/skipped_lines": self.train_batches.stats["skipped_lines"],
+            "xla/compiles_after_warmup": self.recompiles.after_warmup,
         })
         self.metrics.write(step, values)
         self.summary.train_loss = values["train/loss"]
@@ -259,13 +304,6 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
 
 
-def compile_count() -> int:
-    import torch_xla.debug.metrics as met
-
-    data = met.metric_data("CompileTime")
-    return data[0] if data else 0
-
-
 def print_summary(cfg: DictConfig, summary: Summary) -> None:
     step_time = summary.median_step_time
     tokens_per_sec = summary.tokens_per_step / step_time if step_time else None
@@ -278,6 +316,7 @@ def print_summary(cfg: DictConfig, summary: Summary) -> None:
         "tokens_per_s": tokens_per_sec,
         "mfu": summary.mfu,
         "compiles": summary.compiles,
+        "compiles_after_warmup": summary.compiles_after_warmup,
         "skipped_lines": summary.skipped_lines,
         "wall_s": summary.wall_seconds,
         "run_dir": cfg.run_dir,
