@@ -56,5 +56,8 @@ class WandbRun:
 
     def finish(self) -> None:
         if self._run is not None:
+            import wandb
+
             self._run.finish()
+            wandb.teardown()  # an offline run's file is complete only once W&B's service has stopped
             self._run = None
