@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from clm.errors import UserError, run_command
 
 WARMUP_STEPS = 2  # the trainer's: their timing includes compilation
+WINDOW = 5
 
 
 @dataclass
@@ -56,9 +57,34 @@ def _last(rows: list[dict], key: str):
     return values[-1] if values else None
 
 
-def _median(rows: list[dict], key: str):
-    values = [r[key] for r in rows if r.get(key) is not None and r["step"] > WARMUP_STEPS]
-    return statistics.median(values) if values else None
+def _steady(rows: list[dict]) -> list[tuple[dict, int]]:
+    """Train rows after warm-up, each with the number of steps it covers."""
+    covered, last = [], 0
+    for row in rows:
+        if last >= WARMUP_STEPS and row.get("perf/step_time_seconds") is not None:
+            covered.append((row, row["step"] - last))
+        last = row["step"]
+    return covered
+
+
+def _mean(rows: list[dict], key: str):
+    """Mean per step after warm-up. Row times end when the logging thread sees the values, so
+    a busy host can bunch rows; weighting by the steps each covers makes the shifts cancel."""
+    pairs = [(r[key], n) for r, n in _steady(rows) if r.get(key) is not None]
+    return sum(v * n for v, n in pairs) / sum(n for _, n in pairs) if pairs else None
+
+
+def _throughput(rows: list[dict], per_device: bool = False):
+    pairs = _steady(rows)
+    seconds = sum(r["perf/step_time_seconds"] * n for r, n in pairs)
+    if not seconds:
+        return None
+    tokens = sum(r["train/num_tokens"] * n for r, n in pairs)
+    if per_device:
+        devices = [r["perf/tokens_per_sec"] / r["perf/tokens_per_sec_per_device"] for r, _ in pairs
+                   if r.get("perf/tokens_per_sec_per_device")]
+        return tokens / seconds / devices[0] if devices else None
+    return tokens / seconds
 
 
 def summarize(run: Run) -> dict:
@@ -74,11 +100,11 @@ def summarize(run: Run) -> dict:
         "final eval loss": eval_losses[-1] if eval_losses else None,
         "best eval loss": min(eval_losses) if eval_losses else None,
         "time to target s": (stop["time_ms"] - start["time_ms"]) / 1e3 if status == "success" and start else None,
-        "tokens/s": _median(run.train, "perf/tokens_per_sec"),
-        "tokens/s per device": _median(run.train, "perf/tokens_per_sec_per_device"),
-        "step time s": _median(run.train, "perf/step_time_seconds"),
-        "MFU": _median(run.train, "perf/mfu"),
-        "reference MFU": _median(run.train, "perf/reference_mfu"),
+        "tokens/s": _throughput(run.train),
+        "tokens/s per device": _throughput(run.train, per_device=True),
+        "step time s": _mean(run.train, "perf/step_time_seconds"),
+        "MFU": _mean(run.train, "perf/mfu"),
+        "reference MFU": _mean(run.train, "perf/reference_mfu"),
         "drop fraction": statistics.mean(drops) if drops else None,
         "compiles after warm-up": _last(run.train, "xla/compiles_after_warmup") or 0,
         "skipped lines": skipped,
@@ -102,13 +128,26 @@ def table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
+def _windowed_throughput(rows: list[dict]) -> tuple[list[int], list[float]]:
+    """Tokens/s over windows of WINDOW rows (single rows can be bunched, see _mean)."""
+    pairs = _steady(rows)
+    steps, values = [], []
+    for i in range(len(pairs)):
+        window = pairs[max(0, i - WINDOW + 1): i + 1]
+        seconds = sum(r["perf/step_time_seconds"] * n for r, n in window)
+        if seconds > 0:
+            steps.append(pairs[i][0]["step"])
+            values.append(sum(r["train/num_tokens"] * n for r, n in window) / seconds)
+    return steps, values
+
+
 def plot(runs: list[Run], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    panels = [("loss", None), ("learning rate", "train/lr"), ("tokens/s", "perf/tokens_per_sec"),
+    panels = [("loss", None), ("learning rate", "train/lr"), (f"tokens/s ({WINDOW}-row window)", "tokens/s"),
               ("MoE drop fraction", "moe/drop_fraction")]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
     for ax, (title, key) in zip(axes.flat, panels):
@@ -122,7 +161,11 @@ def plot(runs: list[Run], path: str) -> None:
                 ax.plot([r["step"] for r in run.evals], [r["eval/loss"] for r in run.evals], "o-", color=color,
                         markeredgecolor="black", label=f"{run.name} eval" if label else "eval")
                 continue
-            rows = [r for r in run.train if r.get(key) is not None and (key != "perf/tokens_per_sec" or r["step"] > WARMUP_STEPS)]
+            if key == "tokens/s":
+                steps, values = _windowed_throughput(run.train)
+                ax.plot(steps, values, color=color, label=label)
+                continue
+            rows = [r for r in run.train if r.get(key) is not None]
             ax.plot([r["step"] for r in rows], [r[key] for r in rows], color=color, label=label)
         ax.set_title(title)
         ax.set_xlabel("optimizer step")

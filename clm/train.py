@@ -10,7 +10,6 @@ after warm-up.
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ class Summary:
     eval_loss: float | None = None
     best_eval_loss: float | None = None
     train_loss: float | None = None
-    step_times: list[float] = field(default_factory=list)
+    step_times: list[tuple[float, int]] = field(default_factory=list)  # (seconds per step, steps covered) per row
     tokens_per_step: int = 0
     mfu: float | None = None
     compiles: int = 0
@@ -51,8 +50,16 @@ class Summary:
     wall_seconds: float = 0.0
 
     @property
-    def median_step_time(self) -> float | None:
-        return statistics.median(self.step_times) if self.step_times else None
+    def mean_step_time(self) -> float | None:
+        """Seconds per step after warm-up, over all the steps the train rows cover.
+
+        A row's step time ends when the logging thread sees its values, so a busy host can
+        bunch a few rows together; over many rows those shifts cancel out, hence a mean
+        weighted by the steps each row covers rather than a median of rows.
+        """
+        if not self.step_times:
+            return None
+        return sum(t * n for t, n in self.step_times) / sum(n for _, n in self.step_times)
 
 
 class Trainer:
@@ -293,7 +300,7 @@ class Trainer:
         self.metrics.write(step, values)
         self.summary.train_loss = values["train/loss"]
         if last_step >= WARMUP_STEPS:
-            self.summary.step_times.append(step_time)
+            self.summary.step_times.append((step_time, step - last_step))
             self.summary.mfu = values["perf/mfu"]
 
 
@@ -305,7 +312,7 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
 
 
 def print_summary(cfg: DictConfig, summary: Summary) -> None:
-    step_time = summary.median_step_time
+    step_time = summary.mean_step_time
     tokens_per_sec = summary.tokens_per_step / step_time if step_time else None
     fields = {
         "steps": summary.steps,
