@@ -117,7 +117,6 @@ class Trainer:
         self.summary = Summary(tokens_per_step=cfg.global_train_batch_size * cfg.max_length)
         self._last_log = (0, time.perf_counter())  # (step, time) of the last train row
         self._step = 0
-        self._step_values: torch.Tensor | None = None  # this step's logged values, on the device
 
     # ------------------------------------------------------------------ the loop
 
@@ -152,6 +151,19 @@ class Trainer:
         self.metrics.close()
         self.wandb.finish()
         return self.summary
+
+    # Objects that write run files and continue them after a resume (see their docstrings).
+    LOG_WRITERS = ("metrics", "mlperf", "wandb", "recompiles")
+
+    def logging_state_dict(self) -> dict:
+        """The log writers' state for a checkpoint: every row of the steps so far is written first."""
+        runtime.wait_for_async_closures()
+        return {name: getattr(self, name).state_dict() for name in self.LOG_WRITERS}
+
+    def load_logging_state_dict(self, state: dict) -> None:
+        """Before the first write of a resumed run: the logs continue from the checkpoint."""
+        for name in self.LOG_WRITERS:
+            getattr(self, name).load_state_dict(state[name])
 
     @property
     def samples_seen(self) -> int:
@@ -201,9 +213,9 @@ class Trainer:
             "train/num_tokens": torch.stack(tokens).sum(),  # float32 below: exact up to 2^24 tokens a step
             **moe.router_metrics(self.model),
         }
-        self._step_values = torch.stack([value.float() for value in device_values.values()])
+        step_values = torch.stack([value.float() for value in device_values.values()])
         if self._step % cfg.log_frequency == 0 or self._step == cfg.max_steps:
-            xm.add_step_closure(self._log_train, args=(self._step, lr, list(device_values), self._step_values),
+            xm.add_step_closure(self._log_train, args=(self._step, lr, list(device_values), step_values),
                                 run_async=True)
         torch_xla.sync()
 
