@@ -148,7 +148,8 @@ def test_mfu_flops_per_token_for_mixtral_8x22b_by_hand():
     experts = K * 3 * H * I  # gate, up and down projections of the k chosen experts
     qkv = H * Hq * d + 2 * H * Hkv * d
     out = Hq * d * H
-    attention = S * Hq * d  # causal: half of QK^T and of AV, 2 * S * Hq * d / 2 ... times 2 matmuls
+    attention = S * Hq * d  # causal: a token meets S/2 keys on average, in QK^T and in AV
+    # multiply-adds per token; x2 FLOPs each, x3 for forward + backward
     by_hand = 3 * 2 * (L * (router + experts + qkv + out + attention) + H * V)
     assert training_flops_per_token(config, S) == by_hand
     assert math.isclose(by_hand, 3.01e11, rel_tol=0.002)
