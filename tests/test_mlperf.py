@@ -16,7 +16,7 @@ from clm import runtime
 from clm.compliance import check
 from clm.config import load_config
 from clm.train import train
-from tests.wandb_records import offline_run
+from wandb_records import offline_run
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["per_device_train_batch_size=1", "max_length=128", "n_eval_examples=40"]

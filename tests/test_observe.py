@@ -159,7 +159,7 @@ def test_wandb_offline_run_is_read_back_with_wandbs_own_records(tmp_path):
     from omegaconf import OmegaConf
 
     from clm.observe.wandb_run import WandbRun
-    from tests.wandb_records import offline_run
+    from wandb_records import offline_run
 
     cfg = OmegaConf.create({"mode": "offline", "project": "clm-test", "entity": None, "tags": ["t1"]})
     run = WandbRun(cfg, str(tmp_path), {"lr": 0.1, "model": {"dtype": "float32"}})
