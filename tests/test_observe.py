@@ -172,3 +172,28 @@ def test_wandb_offline_run_is_read_back_with_wandbs_own_records(tmp_path):
     assert read["config"]["lr"] == 0.1 and read["config"]["model"] == {"dtype": "float32"}
     losses = [(row["_step"], row["train/loss"]) for row in read["history"]]
     assert losses == [(1, 2.5), (2, 2.0)]
+
+
+@pytest.mark.parametrize("final_loss, success, passes", [(1.7, True, True), (2.0, False, False), (2.0, True, False)])
+def test_closed_rules_judge_a_benchmark_scale_log(tmp_path, final_loss, success, passes):
+    """No CPU can train at sequence 32768, so the logger writes the log of the gbs256 preset's
+    run by hand: evals every 6 steps, target 1.8. Only a run that reached it (and says so) passes."""
+    from clm.config import load_config
+    from clm.optim import warmup_steps
+
+    cfg = load_config(["+experiment=gbs256_tpu", f"output_dir={tmp_path}"], num_devices=256)
+    path = str(tmp_path / "mlperf_compliance.log")
+    logger = MLPerfLogger(path)
+    logger.init_start()
+    logger.run_config(cfg, optimizer_defaults={"betas": (0.9, 0.999), "eps": 1e-8}, warmup_steps=warmup_steps(cfg.sched),
+                      eval_samples=24567, aux_loss_coef=0.001, platform="v5p-512")
+    logger.run_start()
+    gbs = cfg.global_train_batch_size
+    for block, loss in enumerate([3.0, 2.5, final_loss]):
+        for step in range(block * 6, block * 6 + 6):
+            logger.train_block(step * gbs)
+        logger.eval_start((block + 1) * 6 * gbs)
+        logger.eval_stop((block + 1) * 6 * gbs, loss)
+    logger.run_stop(18 * gbs, success=success)
+    assert check(path, "closed").passed == passes
+    assert check(path, "dryrun").passed == (success == (final_loss <= 1.8))
