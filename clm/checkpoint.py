@@ -276,6 +276,7 @@ class Checkpointer:
         if step == self.last_saved_step:
             return
         started = time.perf_counter()
+        runtime.wait_for_async_closures()  # the logs' state must include every row up to this step
         state = {
             "model": model_state(self.model),
             "optimizer": self.optimizer.state_dict(),

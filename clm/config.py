@@ -30,6 +30,7 @@ CONF_DIR = PACKAGE_DIR / "conf"
 SCHEDULERS = ("WarmupHoldPolicy", "CosineAnnealing")
 XLA_ADAMW = "ADAMW_TORCH_XLA"
 DTYPES = ("float32", "bfloat16", "float16")
+WANDB_MODES = ("offline", "online", "disabled")
 
 
 # ---------------------------------------------------------------------------- schema
@@ -79,6 +80,23 @@ class DatasetConfig:
 
 
 @dataclass
+class MLPerfConfig:
+    benchmark: str = MISSING
+    division: str = MISSING
+    org: str = MISSING
+    platform: Optional[str] = MISSING
+    status: str = MISSING
+
+
+@dataclass
+class WandbConfig:
+    mode: str = MISSING
+    project: str = MISSING
+    entity: Optional[str] = MISSING
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Config:
     exp_name: str = MISSING
     seed: int = MISSING
@@ -121,6 +139,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    mlperf: MLPerfConfig = field(default_factory=MLPerfConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
     # parameter-name glob -> mesh axes per dimension (clm/conf/sharding)
     sharding: Dict[str, Any] = MISSING
 
@@ -219,6 +239,8 @@ def _validate(cfg: DictConfig, num_devices: int) -> None:
         raise UserError("resume is empty: use auto (the newest complete checkpoint), never, or a checkpoint path")
     if cfg.lr <= 0:
         raise UserError(f"lr={cfg.lr}: must be > 0")
+    if cfg.wandb.mode not in WANDB_MODES:
+        raise UserError(f"wandb.mode={cfg.wandb.mode}: use one of {', '.join(WANDB_MODES)}")
     if cfg.sched.name not in SCHEDULERS:
         raise UserError(f"sched.name={cfg.sched.name}: unknown scheduler; use one of {', '.join(SCHEDULERS)}")
     if cfg.sched.name == "CosineAnnealing" and cfg.sched.min_lr > cfg.lr:

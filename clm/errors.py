@@ -21,7 +21,13 @@ class UserError(Exception):
 
 def run_command(command: Callable[[], int | None]) -> int:
     """Run a command-line entry point: its exit code (None is EXIT_OK), or EXIT_USER_ERROR with
-    one `error:` line on bad input."""
+    one `error:` line on bad input.
+
+    Python logging and the console's quiet defaults are set up here, once, for every command.
+    """
+    from clm.observe import console
+
+    console.setup()
     try:
         code = command()
     except UserError as e:

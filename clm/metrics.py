@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 
 from transformers import MixtralConfig
 
@@ -35,56 +36,72 @@ def mfu(flops_per_token: float, tokens_per_sec: float, num_chips: int, device_ki
 
 
 class MetricsWriter:
-    """One JSON object per logged step in run_dir/metrics.jsonl, mirrored to TensorBoard.
+    """One JSON object per logged step in run_dir/metrics.jsonl, mirrored to TensorBoard and
+    to W&B (when given a run): the same keys in all three.
 
-    Only process 0 writes. Values must already be host floats (step closures hand them over).
-    Files are opened at the first write, not before: a fresh run starts them anew, a run
-    resumed with load_state_dict keeps the rows up to the checkpoint's step and drops what
-    the interrupted run wrote after it, so no step is duplicated or missing.
+    Only process 0 writes. Values must already be host numbers (step closures hand them
+    over); rows may come from the logging thread and the main thread, hence the lock.
+    Nothing is opened before the first row, so building a writer touches no file.
+
+    Resume: `state_dict()` holds the rows written so far (take it once the step's logging
+    closures have run); a writer given `load_state_dict(state)` keeps those rows of
+    metrics.jsonl at its first write, drops the rows past the checkpoint from the dead run,
+    and goes on; TensorBoard hides the dead run's events past the checkpoint (purge_step).
     """
 
-    def __init__(self, run_dir: str, enabled: bool = True):
+    def __init__(self, run_dir: str, enabled: bool = True, wandb_run=None):
         self.enabled = enabled
         self.path = os.path.join(run_dir, "metrics.jsonl")
-        self.tensorboard_dir = os.path.join(run_dir, "tensorboard")
-        self.last_step = 0
-        self._resumed_step: int | None = None
+        self._tensorboard_dir = os.path.join(run_dir, "tensorboard")
+        self._wandb = wandb_run
         self._file = None
         self._tensorboard = None
+        self._rows = 0
+        self._last_step = -1
+        self._restored: dict | None = None
+        self._lock = threading.Lock()
 
     def state_dict(self) -> dict:
-        return {"step": self.last_step}
+        with self._lock:
+            return {"rows": self._rows, "last_step": self._last_step}
 
     def load_state_dict(self, state: dict) -> None:
-        self.last_step = self._resumed_step = state["step"]
+        self._restored = dict(state)
+        self._rows, self._last_step = state["rows"], state["last_step"]
 
     def _open(self) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        if self._resumed_step is not None and os.path.exists(self.path):
+        if self._restored is not None and os.path.exists(self.path):
             with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= self._resumed_step]
+                kept = f.readlines()[: self._restored["rows"]]
             with open(self.path + ".tmp", "w") as f:
                 f.writelines(kept)
-            os.replace(self.path + ".tmp", self.path)  # a crash here keeps the old or the new file whole
-        mode = "a" if self._resumed_step is not None else "w"
+            os.replace(self.path + ".tmp", self.path)  # a crash here leaves the old or the new file whole
+        mode = "a" if self._restored is not None else "w"
         self._file = open(self.path, mode, buffering=1)  # line-buffered: a crash keeps every row written
-        purge = None if self._resumed_step is None else self._resumed_step + 1
-        self._tensorboard = SummaryWriter(self.tensorboard_dir, purge_step=purge)
+        purge = self._restored["last_step"] + 1 if self._restored is not None else None
+        self._tensorboard = SummaryWriter(self._tensorboard_dir, purge_step=purge)
 
     def write(self, step: int, values: dict[str, float | int | None]) -> None:
         if not self.enabled:
             return
-        if self._file is None:
-            self._open()
-        self.last_step = step
         row = {"step": step, **values}
-        self._file.write(json.dumps(row, allow_nan=True) + "\n")
-        for key, value in values.items():
-            if isinstance(value, (int, float)) and value is not None and math.isfinite(value):
-                self._tensorboard.add_scalar(key, value, step)
+        with self._lock:
+            if self._file is None:
+                self._open()
+            self._file.write(json.dumps(row, allow_nan=True) + "\n")
+            self._rows += 1
+            self._last_step = max(self._last_step, step)
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tensorboard.add_scalar(key, value, step)
+            if self._wandb is not None:
+                self._wandb.log(step, values)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._tensorboard.close()
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._tensorboard.close()
+                self._file = None

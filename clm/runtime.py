@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import tempfile
+import time
 
 DEFAULT_CPU_DEVICES = "4"
 
@@ -21,6 +23,7 @@ def device_count() -> int:
     # Python scalars such as the learning rate would otherwise be baked into the graph as
     # constants when they happen to be 0 or 1, and a new value would then recompile.
     os.environ.setdefault("XLA_NO_SPECIAL_SCALARS", "1")
+    enable_compile_analysis()
     import torch_xla  # noqa: F401  (importing selects TPU if libtpu and a chip are present, else CPU)
     import torch_xla.runtime as xr
 
@@ -128,3 +131,45 @@ def quiet_native_stdout():
     finally:
         os.dup2(saved, 1)
         os.close(saved)
+
+
+def enable_compile_analysis() -> str | None:
+    """Have torch_xla write its compilation-cause analysis to a file; returns the file's path.
+
+    torch_xla (PT_XLA_DEBUG_LEVEL=1) appends one "Compilation Analysis" block per XLA
+    compilation, with the cause and the Python frames that triggered it, to
+    PT_XLA_DEBUG_FILE. It reads both variables once, at the process's first compilation, so
+    this must run before anything compiles; clm.observe.recompiles reads the blocks. A user's
+    own PT_XLA_DEBUG_LEVEL is left alone (without a file, torch_xla prints to the console).
+    """
+    if "PT_XLA_DEBUG_LEVEL" not in os.environ:
+        os.environ["PT_XLA_DEBUG_LEVEL"] = "1"
+        os.environ["PT_XLA_DEBUG_FILE"] = os.path.join(tempfile.gettempdir(), f"clm-xla-compiles-{os.getpid()}.log")
+    return os.environ.get("PT_XLA_DEBUG_FILE")
+
+
+def compile_count() -> int:
+    """XLA compilations so far in this process."""
+    import torch_xla.debug.metrics as met
+
+    data = met.metric_data("CompileTime")
+    return data[0] if data else 0
+
+
+def wait_for_async_closures() -> None:
+    """Block until every step closure queued with run_async=True has run; re-raise its error.
+
+    torch_xla runs those closures on a thread of its own and offers no public wait.
+    """
+    import torch_xla.core.xla_model as xm
+
+    handler = getattr(xm._get_device_context(), "async_closure_handler", None)
+    if handler is None:
+        return
+    # Not Queue.join(): a closure that raises stops the thread without marking its task done.
+    while True:
+        if not handler._closure_exception.empty():
+            raise RuntimeError("a logging step closure failed") from handler._closure_exception.get()
+        if not handler._closure_queue.unfinished_tasks:
+            return
+        time.sleep(0.005)

@@ -1,14 +1,16 @@
-"""The trainer: build everything from the config, then train, evaluate and report.
+"""The trainer: build everything from the config, restore a checkpoint when resuming, start,
+then train, evaluate, checkpoint and report.
 
-XLA discipline: every step is traced lazily and cut with torch_xla.sync(); values leave
-the device only inside step closures on log steps (and once per eval for the stop check),
-so a step never waits on the host and never recompiles after warm-up.
+XLA discipline: every step is traced lazily and cut with torch_xla.sync(); a step's logged
+values are one stacked tensor in every step's graph, read on log steps by one asynchronous
+step closure (one device-to-host transfer, on torch_xla's closure thread), and the eval loss
+once per eval for the stop check, so a step never waits on the host and never recompiles
+after warm-up. Checkpoints and stop requests are handled between steps (`end_step`).
 """
 
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -18,19 +20,22 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from clm.errors import EXIT_OK, EXIT_PREEMPTED
-
 from clm import checkpoint, data, parallel, runtime, storage
 from clm.checkpoint import Checkpointer, RNGState
+from clm.errors import EXIT_OK, EXIT_PREEMPTED
 from clm.metrics import MetricsWriter, mfu, reference_flops_per_token, training_flops_per_token
 from clm.model import attention, moe
 from clm.model.build import build_model, load_model_config
-from clm.optim import build_optimizer, build_scheduler, prime_optimizer
+from clm.observe.mlperf import MLPerfLogger
+from clm.observe.recompiles import RecompileWatch
+from clm.observe.wandb_run import WandbRun
+from clm.optim import build_optimizer, build_scheduler, prime_optimizer, warmup_steps
 from clm.preemption import StopRequests
+from clm.secrets import redact
 
-# Steps whose timing includes compilation: the first step of a process compiles the step,
-# and without optimizer priming the second is the first with optimizer state. Later steps
-# are steady state.
+# Steps of a process whose timing includes compilation: the first compiles the step, and
+# without optimizer priming the second is the first with optimizer state. Later steps are
+# steady state.
 WARMUP_STEPS = 2
 
 
@@ -39,9 +44,10 @@ class LoopState:
     """Where the loop stands; saved in every checkpoint, so a resumed run continues from it."""
 
     step: int = 0  # optimizer steps done
-    tokens: int = 0  # training tokens seen (scored labels)
     target_reached: bool = False
+    eval_step: int | None = None  # step of the last evaluation
     eval_loss: float | None = None  # of the last evaluation
+    best_eval_loss: float | None = None
 
     def state_dict(self) -> dict:
         return dict(vars(self))
@@ -49,28 +55,37 @@ class LoopState:
     def load_state_dict(self, state: dict) -> None:
         vars(self).update(state)
 
-
 @dataclass
 class Summary:
     steps: int = 0
     stop_reason: str = "max_steps"
     eval_loss: float | None = None
+    best_eval_loss: float | None = None
     train_loss: float | None = None
-    step_times: list[float] = field(default_factory=list)
+    step_times: list[tuple[float, int]] = field(default_factory=list)  # (seconds per step, steps covered) per row
     tokens_per_step: int = 0
     mfu: float | None = None
     compiles: int = 0
+    compiles_after_warmup: int = 0  # XLA compilations of a step kind past its warm-up (each one warned about)
     skipped_lines: int = 0  # corrupt JSON lines in this host's data files
     wall_seconds: float = 0.0
 
     @property
-    def median_step_time(self) -> float | None:
-        return statistics.median(self.step_times) if self.step_times else None
+    def mean_step_time(self) -> float | None:
+        """Seconds per step after warm-up, over all the steps the train rows cover.
+
+        A row's step time ends when the logging thread sees its values, so a busy host can
+        bunch a few rows together; over many rows those shifts cancel out, hence a mean
+        weighted by the steps each row covers rather than a median of rows.
+        """
+        if not self.step_times:
+            return None
+        return sum(t * n for t, n in self.step_times) / sum(n for _, n in self.step_times)
 
 
 class Trainer:
-    """Build (here: everything from the config) -> restore (a checkpoint, if resuming) ->
-    start (background threads, signal handlers) -> train."""
+    """Build (everything from the config; nothing written) -> restore (a checkpoint, when
+    resuming) -> start (files, data thread, SIGTERM handler) -> train."""
 
     def __init__(self, cfg: DictConfig, hf_config, mesh_shape: parallel.MeshShape, resume_from: str | None = None):
         import torch_xla.distributed.spmd as xs
@@ -83,6 +98,9 @@ class Trainer:
         self.num_devices = mesh_shape.num_devices
         self.is_main = xr.process_index() == 0
         self.resume_from = resume_from
+        self.mlperf = MLPerfLogger(os.path.join(cfg.run_dir, "mlperf_compliance.log"), enabled=self.is_main)
+        self.mlperf.init_start()
+        self.resolved_config = redact(OmegaConf.to_container(cfg, resolve=True))  # no secret reaches a file or W&B
 
         self.tokenizer = data.load_tokenizer(cfg.model.tokenizer_name_or_path, cfg.cache_local_dir)
 
@@ -109,7 +127,14 @@ class Trainer:
         self.train_batches = data.build_train_stream(cfg, self.tokenizer, **process)
         self.eval_set = data.build_eval_set(cfg, self.tokenizer, **process)
 
-        self.metrics = MetricsWriter(cfg.run_dir, enabled=self.is_main)
+        self.wandb = WandbRun(cfg.wandb, cfg.run_dir, self.resolved_config, enabled=self.is_main)
+        self.metrics = MetricsWriter(cfg.run_dir, enabled=self.is_main, wandb_run=self.wandb)
+        self.recompiles = RecompileWatch(runtime.compile_count, runtime.enable_compile_analysis(),
+                                         warmup={"train": WARMUP_STEPS, "eval": 1}, enabled=self.is_main)
+        self.mlperf.run_config(
+            cfg, optimizer_defaults=self.optimizer.defaults, warmup_steps=warmup_steps(cfg.sched),
+            eval_samples=self.eval_set.num_blocks, aux_loss_coef=hf_config.router_aux_loss_coef,
+            platform=f"{runtime.device_kind()}-{self.num_devices}")
         num_params = sum(p.numel() for p in self.model.parameters())
         self.flops_per_token = training_flops_per_token(self.hf_config, cfg.max_length)
         self.reference_flops_per_token = reference_flops_per_token(self.hf_config, num_params)
@@ -117,30 +142,30 @@ class Trainer:
         self.summary = Summary(tokens_per_step=cfg.global_train_batch_size * cfg.max_length)
         self.loop = LoopState()
         self.checkpointer = Checkpointer(cfg, self.model, self.optimizer, process_index=xr.process_index(), host_state={
-            "loop": self.loop, "scheduler": self.scheduler, "data": self.train_batches, "metrics": self.metrics,
-            "rng": RNGState(),
+            "loop": self.loop, "scheduler": self.scheduler, "data": self.train_batches, "rng": RNGState(),
+            "metrics": self.metrics, "mlperf": self.mlperf, "wandb": self.wandb, "recompiles": self.recompiles,
         })
         self.stop_requests = StopRequests(cfg.kill_switch_path, **process)
         self._last_log = (0, time.perf_counter())  # (step, time) of the last train row
         self._first_step = 0  # of this process: its first steps compile
 
     def restore(self) -> None:
-        """Continue from `resume_from`: weights, optimizer, schedule, data position, RNGs, metrics."""
+        """Continue from `resume_from`: weights, optimizer, schedule, data position, RNGs, logs."""
         if self.resume_from:
             step = self.checkpointer.restore(self.resume_from)
             self._last_log = (step, time.perf_counter())
             self._first_step = step
             finished = step >= self.cfg.max_steps or self.loop.target_reached
             tqdm.write(f"resumed from {self.resume_from} (step {step})" + (
-                "; that run is complete: raise max_steps, or set resume=never or a new exp_name to train anew"
-                if finished else ""), file=sys.stdout)
+                "; that run is complete: raise max_steps (with sched.max_steps pinned), or set resume=never "
+                "or a new exp_name to train anew" if finished else ""), file=sys.stdout)
 
     def start(self) -> None:
-        """Start producing data (the shuffle buffer fills while the first step compiles) and
-        catching SIGTERM; write the run's config."""
+        """Write the run's config (secrets redacted), start producing data (the shuffle buffer
+        fills while the first step compiles) and catching SIGTERM."""
         if self.is_main:
             os.makedirs(self.cfg.run_dir, exist_ok=True)
-            OmegaConf.save(self.cfg, os.path.join(self.cfg.run_dir, "config.yaml"), resolve=True)
+            OmegaConf.save(OmegaConf.create(self.resolved_config), os.path.join(self.cfg.run_dir, "config.yaml"))
         self.train_batches.start()
         self.stop_requests.install()
 
@@ -151,30 +176,40 @@ class Trainer:
         started = time.perf_counter()
         progress = tqdm(initial=loop.step, total=cfg.max_steps, desc="train", unit="step", disable=not self.is_main,
                         file=sys.stdout)
+        self.mlperf.run_start()
         if loop.step == 0 and cfg.do_first_eval:
             self.evaluate()
         stop_request = None
         while loop.step < cfg.max_steps and not loop.target_reached and stop_request is None:
+            self.mlperf.train_block(self.samples_seen)
             if loop.step + 1 == cfg.xla_profile_step:
                 self.profile_step()
             else:
                 self.train_step()
+            self.recompiles.observe("train", loop.step)
             progress.update(1)
             if loop.step % cfg.eval_frequency == 0:
                 self.evaluate()
             stop_request = self.end_step()
         progress.close()
         if stop_request is None:
+            if loop.eval_step != loop.step:
+                self.evaluate()  # the final one: the summary, the report and the MLPerf log end on this step
+            self.mlperf.run_stop(self.samples_seen, success=loop.target_reached)
             self.checkpointer.save(loop.step, blocking=True)  # the final state, always
         self.checkpointer.close()
+        runtime.wait_for_async_closures()
         self.summary.stop_reason = stop_request or ("target_reached" if loop.target_reached else "max_steps")
         self.summary.steps = loop.step
-        self.summary.eval_loss = loop.eval_loss
+        self.summary.eval_loss, self.summary.best_eval_loss = loop.eval_loss, loop.best_eval_loss
         self.summary.wall_seconds = time.perf_counter() - started
-        self.summary.compiles = compile_count()
+        self.summary.compiles = runtime.compile_count()
+        self.summary.compiles_after_warmup = self.recompiles.after_warmup
         self.summary.skipped_lines = self.train_batches.stats["skipped_lines"] + self.eval_set.stats["skipped_lines"]
         self.train_batches.close()
         self.metrics.close()
+        self.mlperf.close()
+        self.wandb.finish()
         self.stop_requests.uninstall()
         return self.summary
 
@@ -185,10 +220,15 @@ class Trainer:
         if stop_request:
             self.checkpointer.save(self.loop.step, blocking=True)
             tqdm.write(f"step {self.loop.step}: {stop_request}: checkpoint saved, exiting with code "
-                       f"{EXIT_PREEMPTED} (retry to resume)", file=sys.stdout)
+                       f"{EXIT_PREEMPTED} (run the same command to resume)", file=sys.stdout)
         else:
             self.checkpointer.maybe_save(self.loop.step)
         return stop_request
+
+    @property
+    def samples_seen(self) -> int:
+        """Training sequences so far (MLPerf's samples_count)."""
+        return self.loop.step * self.cfg.global_train_batch_size
 
     def train_step(self) -> None:
         import torch_xla
@@ -220,21 +260,24 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.loop.step += 1
-        self.loop.tokens += self.summary.tokens_per_step
         step = self.loop.step
 
+        # Every step's graph computes and keeps the logged values (a few tiny ops), so log
+        # steps and the others run one and the same compiled graph.
+        lm_loss = torch.stack(lm_losses).mean()
+        aux_loss = torch.stack(aux_losses).mean()
+        device_values = {
+            "train/loss": lm_loss + coef * aux_loss,
+            "train/lm_loss": lm_loss,
+            "train/aux_loss": aux_loss,
+            "train/grad_norm": grad_norm,
+            "train/num_tokens": torch.stack(tokens).sum(),  # float32 below: exact up to 2^24 tokens a step
+            **moe.router_metrics(self.model),
+        }
+        step_values = torch.stack([value.float() for value in device_values.values()])
         if step % cfg.log_frequency == 0 or step == cfg.max_steps:
-            lm_loss = torch.stack(lm_losses).mean()
-            aux_loss = torch.stack(aux_losses).mean()
-            device_values = {
-                "train/loss": lm_loss + coef * aux_loss,
-                "train/lm_loss": lm_loss,
-                "train/aux_loss": aux_loss,
-                "train/grad_norm": grad_norm,
-                "train/num_tokens": torch.stack(tokens).sum(),
-                **moe.router_metrics(self.model),
-            }
-            xm.add_step_closure(self._log_train, args=(step, lr, device_values))
+            xm.add_step_closure(self._log_train, args=(step, lr, list(device_values), step_values),
+                                run_async=True)
         torch_xla.sync()
 
     def profile_step(self) -> None:
@@ -252,6 +295,7 @@ class Trainer:
         """Token-weighted mean loss over every scored label of the validation set."""
         import torch_xla
 
+        self.mlperf.eval_start(self.samples_seen)
         self.model.eval()
         loss_sums, counts = [], []
         with torch.no_grad():
@@ -263,19 +307,24 @@ class Trainer:
                 torch_xla.sync()
         eval_loss = (torch.stack(loss_sums).sum() / torch.stack(counts).sum()).item()
         self.model.train()
+        self.recompiles.observe("eval", self.loop.step)
 
-        self.loop.eval_loss = eval_loss
-        self.metrics.write(self.loop.step, {
+        self.mlperf.eval_stop(self.samples_seen, eval_loss)
+        loop = self.loop
+        loop.eval_step, loop.eval_loss = loop.step, eval_loss
+        loop.best_eval_loss = min(eval_loss, loop.best_eval_loss or eval_loss)
+        runtime.wait_for_async_closures()  # rows in step order: this step's train row first
+        self.metrics.write(loop.step, {
             "eval/loss": eval_loss,
             "eval/num_tokens": self.eval_set.num_tokens,
             "data/eval_skipped_lines": self.eval_set.stats["skipped_lines"],
         })
-        tqdm.write(f"step {self.loop.step}: eval/loss={eval_loss:.4f}", file=sys.stdout)
+        tqdm.write(f"step {loop.step}: eval/loss={eval_loss:.4f}", file=sys.stdout)
         target = self.cfg.target_eval_loss
         if target > 0 and eval_loss <= target:
-            self.loop.target_reached = True
+            loop.target_reached = True
         # Eval time is not training time: restart the step clock.
-        self._last_log = (self.loop.step, time.perf_counter())
+        self._last_log = (loop.step, time.perf_counter())
 
     # --------------------------------------------------------------- helpers
 
@@ -303,9 +352,10 @@ class Trainer:
         input_ids, labels = xm.send_cpu_data_to_device(tensors, torch_xla.device(), self.input_sharding)
         return input_ids, labels
 
-    def _log_train(self, step: int, lr: float, device_values: dict) -> None:
-        """Runs as a step closure: the step's values have been computed, so reading them costs no stall."""
-        values = {key: value.item() for key, value in device_values.items()}
+    def _log_train(self, step: int, lr: float, keys: list[str], device_values: torch.Tensor) -> None:
+        """Runs as an asynchronous step closure, on torch_xla's closure thread: one transfer for the step's values."""
+        values = dict(zip(keys, device_values.cpu().tolist()))
+        values["train/num_tokens"] = int(values["train/num_tokens"])
         last_step, last_time = self._last_log
         now = time.perf_counter()
         step_time = (now - last_time) / (step - last_step)
@@ -315,14 +365,16 @@ class Trainer:
             "train/lr": lr,
             "perf/step_time_seconds": step_time,
             "perf/tokens_per_sec": tokens_per_sec,
+            "perf/tokens_per_sec_per_device": tokens_per_sec / self.num_devices,
             "perf/mfu": mfu(self.flops_per_token, tokens_per_sec, self.num_devices, self.device_kind),
             "perf/reference_mfu": mfu(self.reference_flops_per_token, tokens_per_sec, self.num_devices, self.device_kind),
             "data/skipped_lines": self.train_batches.stats["skipped_lines"],
+            "xla/compiles_after_warmup": self.recompiles.after_warmup,
         })
         self.metrics.write(step, values)
         self.summary.train_loss = values["train/loss"]
         if last_step - self._first_step >= WARMUP_STEPS:
-            self.summary.step_times.append(step_time)
+            self.summary.step_times.append((step_time, step - last_step))
             self.summary.mfu = values["perf/mfu"]
 
 
@@ -333,15 +385,8 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
 
 
-def compile_count() -> int:
-    import torch_xla.debug.metrics as met
-
-    data = met.metric_data("CompileTime")
-    return data[0] if data else 0
-
-
 def print_summary(cfg: DictConfig, summary: Summary) -> None:
-    step_time = summary.median_step_time
+    step_time = summary.mean_step_time
     tokens_per_sec = summary.tokens_per_step / step_time if step_time else None
     fields = {
         "steps": summary.steps,
@@ -352,6 +397,7 @@ def print_summary(cfg: DictConfig, summary: Summary) -> None:
         "tokens_per_s": tokens_per_sec,
         "mfu": summary.mfu,
         "compiles": summary.compiles,
+        "compiles_after_warmup": summary.compiles_after_warmup,
         "skipped_lines": summary.skipped_lines,
         "wall_s": summary.wall_seconds,
         "run_dir": cfg.run_dir,

@@ -14,6 +14,12 @@ os.environ.setdefault("WANDB_MODE", "offline")
 # from the start: switching modes later, with XLA tensors already alive, can crash XLA.
 # Starting the runtime first also keeps a CPU backward that runs first under SPMD from
 # tripping an internal assert of the autograd engine.
+# torch_xla reads its compilation-cause settings at the first compilation of the process,
+# so the recompilation alerts (clm.observe.recompiles) need them set before any test runs.
+from clm.runtime import enable_compile_analysis  # noqa: E402
+
+enable_compile_analysis()
+
 import torch_xla.runtime  # noqa: E402
 
 torch_xla.runtime.global_runtime_device_count()

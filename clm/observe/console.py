@@ -1,0 +1,63 @@
+"""A quiet console: Python logging configured once, XLA's noise silenced by default.
+
+XLA's C++ side prints a warning per compilation that the user cannot act on ("GSPMD
+sharding propagation is going to be deprecated ... migrate to Shardy": torch_xla 2.9 has
+no Shardy path for this code), and torch_xla announces on the root logger which device it
+defaulted to. By default clm sets TF_CPP_MIN_LOG_LEVEL=2 (XLA's C++ errors still show) and
+drops the device announcement; `TF_CPP_MIN_LOG_LEVEL=0` brings XLA's lines back.
+Python warnings and every clm log record stay visible.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from clm.secrets import redact_text
+
+# Set before torch_xla loads: XLA's C++ logging reads it once.
+QUIET_XLA_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2"}
+# torch_xla.runtime's logging.warning when it picks a device by itself (clm's summary names it).
+_DEVICE_CHOICE_MESSAGES = ("Defaulting to PJRT_DEVICE=", "libtpu.so and TPU device found")
+
+_configured = False
+
+
+def quiet_xla() -> None:
+    """Silence XLA's C++ INFO/WARNING lines unless the user set TF_CPP_MIN_LOG_LEVEL."""
+    for name, value in QUIET_XLA_ENV.items():
+        os.environ.setdefault(name, value)
+
+
+class _ConsoleHandler(logging.Handler):
+    """Writes through tqdm so a log line never breaks the progress bar; hides secrets."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(redact_text(self.format(record)), file=sys.stderr)
+        except Exception:  # a broken console must not stop training
+            self.handleError(record)
+
+
+def _not_device_choice(record: logging.LogRecord) -> bool:
+    return not (record.name == "root" and str(record.msg).startswith(_DEVICE_CHOICE_MESSAGES))
+
+
+def setup() -> None:
+    """Configure Python logging once per process: clm's INFO and everyone's WARNING on stderr."""
+    global _configured
+    if _configured:
+        return
+    _configured = True
+    quiet_xla()
+    handler = _ConsoleHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_not_device_choice)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    logging.getLogger("clm").setLevel(logging.INFO)
+    logging.captureWarnings(True)

@@ -1,0 +1,199 @@
+"""The observability pieces on their own: secret names, the resume contract of the metrics
+writer and the MLPerf logger, torch_xla's compilation analysis, W&B's offline run, MFU."""
+
+import json
+import math
+
+import pytest
+
+from clm.compliance import check
+from clm.metrics import MetricsWriter, training_flops_per_token
+from clm.observe.mlperf import MLPerfLogger
+from clm.observe.recompiles import parse_analysis
+from clm.secrets import REDACTED, is_secret_name, redact, redact_text
+
+
+@pytest.mark.parametrize("name", ["HF_TOKEN", "WANDB_API_KEY", "MY_SECRET", "foo_password", "aws_secret_access_key",
+                                  "GITHUB_TOKEN", "apiKey", "db-password-file", "secret_value"])
+def test_secret_names(name):
+    assert is_secret_name(name)
+
+
+@pytest.mark.parametrize("name", ["tokenizer_name_or_path", "pad_token_id", "num_key_value_heads", "max_length",
+                                  "keyboard", "tokens_per_sec", "TOKENIZERS_PARALLELISM", "monkey"])
+def test_names_that_only_contain_a_secret_word_are_not_secret(name):
+    assert not is_secret_name(name)
+
+
+def test_redact_hides_secret_keys_and_secret_env_values_everywhere():
+    env = {"HF_TOKEN": "hf_abcdefgh123", "PATH": "/usr/bin"}
+    values = [v for k, v in env.items() if is_secret_name(k)]
+    cfg = {"model": {"tokenizer_name_or_path": "/tok/hf_abcdefgh123/x", "api_key": "zzz", "pad_token_id": -100},
+           "wandb": {"password": None}, "tags": ["a", "hf_abcdefgh123"]}
+    out = redact(cfg, values)
+    assert out == {"model": {"tokenizer_name_or_path": f"/tok/{REDACTED}/x", "api_key": REDACTED, "pad_token_id": -100},
+                   "wandb": {"password": None}, "tags": ["a", REDACTED]}
+    assert redact_text("token hf_abcdefgh123 end", values) == f"token {REDACTED} end"
+
+
+def test_metrics_writer_resume_keeps_rows_to_the_checkpoint_and_drops_the_dead_runs(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    writer = MetricsWriter(str(tmp_path))
+    assert not (tmp_path / "metrics.jsonl").exists(), "building a writer must not touch the files"
+    for step in (1, 2, 3):
+        writer.write(step, {"train/loss": float(step)})
+    state = writer.state_dict()
+    for step in (4, 5):  # the dead run went on past its checkpoint
+        writer.write(step, {"train/loss": 100.0 + step})
+    writer.close()
+
+    resumed = MetricsWriter(str(tmp_path))
+    resumed.load_state_dict(state)
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 5, "load_state_dict must not write"
+    for step in (4, 5, 6):
+        resumed.write(step, {"train/loss": -float(step)})
+    resumed.close()
+
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["train/loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, -4.0), (5, -5.0), (6, -6.0)]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
+        (1, 1.0), (2, 2.0), (3, 3.0), (4, -4.0), (5, -5.0), (6, -6.0)]
+
+
+def _log_prefix(logger, cfg):
+    logger.init_start()
+    logger.run_config(cfg, optimizer_defaults={"betas": (0.9, 0.999), "eps": 1e-8}, warmup_steps=1, eval_samples=4,
+                      aux_loss_coef=0.02, platform="CPU-8")
+    logger.run_start()
+
+
+def test_mlperf_log_after_a_resume_continues_the_same_run(tmp_path):
+    from clm.config import load_config
+
+    cfg = load_config([f"output_dir={tmp_path}", "max_steps=6", "eval_frequency=2"], num_devices=8)
+    path = tmp_path / "mlperf_compliance.log"
+    gbs = cfg.global_train_batch_size
+
+    first = MLPerfLogger(str(path))
+    _log_prefix(first, cfg)
+    assert path.exists()
+    for step in range(4):
+        if step and step % 2 == 0:
+            first.eval_start(step * gbs)
+            first.eval_stop(step * gbs, 9.0 - step)
+        first.train_block(step * gbs)
+    state = first.state_dict()  # checkpoint after step 4's block started
+    first.eval_start(4 * gbs)  # the dead run's eval at step 4: dropped on resume
+    first.eval_stop(4 * gbs, 123.0)
+    first.close()
+
+    second = MLPerfLogger(str(path))
+    second.load_state_dict(state)
+    _log_prefix(second, cfg)  # the resumed process starts up the same way: nothing of this is logged again
+    for step in (4, 5):
+        if step % 2 == 0:
+            second.eval_start(step * gbs)
+            second.eval_stop(step * gbs, 9.0 - step)
+        second.train_block(step * gbs)
+    second.eval_start(6 * gbs)
+    second.eval_stop(6 * gbs, 3.0)
+    second.run_stop(6 * gbs, success=False)
+
+    events = [json.loads(line.split(" ", 1)[1]) for line in path.read_text().splitlines()]
+    keys = [e["key"] for e in events]
+    assert keys.count("run_start") == 1 and keys.count("run_stop") == 1 and keys.count("init_start") == 1
+    assert [e["value"] for e in events if e["key"] == "eval_accuracy"] == [7.0, 5.0, 3.0]
+    assert check(str(path), "dryrun").passed
+
+
+ANALYSIS = """
+Compilation Analysis: ================================================================================
+Compilation Analysis: Compilation Cause
+Compilation Analysis:   most likely user code trying to access tensor value before torch_xla.sync
+Compilation Analysis: Graph Info: 
+Compilation Analysis:   Graph Hash: 953f74a5c1f8295659e0658ec732e468
+Compilation Analysis:   Number of Graph Inputs: 0
+Compilation Analysis:   Number of Graph Outputs: 1
+Compilation Analysis: Python Frame Triggered Execution: 
+Compilation Analysis:   sync (/usr/lib/python3.11/site-packages/torch_xla/torch_xla.py:87)
+Compilation Analysis:   train_step (/work/clm/train.py:190)
+Compilation Analysis:   train (/work/clm/train.py:120)
+Compilation Analysis: --------------------------------------------------------------------------------
+Compilation Analysis: ================================================================================
+
+Post Compilation Analysis: Graph input size: 0.000000 GB
+"""
+
+
+def test_compilation_analysis_names_cause_graph_and_the_first_frame_outside_libraries():
+    (compilation,) = parse_analysis(ANALYSIS + ANALYSIS.replace("most likely user code trying to access tensor value "
+                                                                "before torch_xla.sync", "user torch_xla.sync"))[:1]
+    assert compilation.cause.startswith("most likely user code trying to access tensor value")
+    assert compilation.graph_hash == "953f74a5c1f8295659e0658ec732e468"
+    assert compilation.frame == "train_step (/work/clm/train.py:190)"
+    assert len(parse_analysis(ANALYSIS * 2)) == 2
+
+
+def test_mfu_flops_per_token_for_mixtral_8x22b_by_hand():
+    from clm.model.build import CONFIGS_DIR
+    from transformers import MixtralConfig
+
+    config = MixtralConfig(**json.loads((CONFIGS_DIR / "mixtral822.json").read_text()))
+    L, H, I, E, K, Hq, Hkv, d, V, S = 56, 6144, 16384, 8, 2, 48, 8, 128, 32000, 32768
+    assert (config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size) == (L, H, I, V)
+    router = H * E
+    experts = K * 3 * H * I  # gate, up and down projections of the k chosen experts
+    qkv = H * Hq * d + 2 * H * Hkv * d
+    out = Hq * d * H
+    attention = S * Hq * d  # causal: a token meets S/2 keys on average, in QK^T and in AV
+    # multiply-adds per token; x2 FLOPs each, x3 for forward + backward
+    by_hand = 3 * 2 * (L * (router + experts + qkv + out + attention) + H * V)
+    assert training_flops_per_token(config, S) == by_hand
+    assert math.isclose(by_hand, 3.01e11, rel_tol=0.002)
+
+
+def test_wandb_offline_run_is_read_back_with_wandbs_own_records(tmp_path):
+    from omegaconf import OmegaConf
+
+    from clm.observe.wandb_run import WandbRun
+    from wandb_records import offline_run
+
+    cfg = OmegaConf.create({"mode": "offline", "project": "clm-test", "entity": None, "tags": ["t1"]})
+    run = WandbRun(cfg, str(tmp_path), {"lr": 0.1, "model": {"dtype": "float32"}})
+    assert not (tmp_path / "wandb").exists(), "building the W&B run must not start it"
+    run.log(1, {"train/loss": 2.5, "perf/mfu": None})
+    run.log(2, {"train/loss": 2.0})
+    run.finish()
+    read = offline_run(str(tmp_path))
+    assert read["id"] == run.run_id and read["tags"] == ["t1"]
+    assert read["config"]["lr"] == 0.1 and read["config"]["model"] == {"dtype": "float32"}
+    losses = [(row["_step"], row["train/loss"]) for row in read["history"]]
+    assert losses == [(1, 2.5), (2, 2.0)]
+
+
+@pytest.mark.parametrize("final_loss, success, passes", [(1.7, True, True), (2.0, False, False), (2.0, True, False)])
+def test_closed_rules_judge_a_benchmark_scale_log(tmp_path, final_loss, success, passes):
+    """No CPU can train at sequence 32768, so the logger writes the log of the gbs256 preset's
+    run by hand: evals every 6 steps, target 1.8. Only a run that reached it (and says so) passes."""
+    from clm.config import load_config
+    from clm.optim import warmup_steps
+
+    cfg = load_config(["+experiment=gbs256_tpu", f"output_dir={tmp_path}"], num_devices=256)
+    path = str(tmp_path / "mlperf_compliance.log")
+    logger = MLPerfLogger(path)
+    logger.init_start()
+    logger.run_config(cfg, optimizer_defaults={"betas": (0.9, 0.999), "eps": 1e-8}, warmup_steps=warmup_steps(cfg.sched),
+                      eval_samples=24567, aux_loss_coef=0.001, platform="v5p-512")
+    logger.run_start()
+    gbs = cfg.global_train_batch_size
+    for block, loss in enumerate([3.0, 2.5, final_loss]):
+        for step in range(block * 6, block * 6 + 6):
+            logger.train_block(step * gbs)
+        logger.eval_start((block + 1) * 6 * gbs)
+        logger.eval_stop((block + 1) * 6 * gbs, loss)
+    logger.run_stop(18 * gbs, success=success)
+    assert check(path, "closed").passed == passes
+    assert check(path, "dryrun").passed == (success == (final_loss <= 1.8))
