@@ -79,6 +79,7 @@ class MetricsWriter:
                 f.writelines(kept)
             os.replace(self.path + ".tmp", self.path)  # a crash here leaves the old or the new file whole
         mode = "a" if self._restored is not None else "w"
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self._file = open(self.path, mode, buffering=1)  # line-buffered: a crash keeps every row written
         purge = self._restored["last_step"] + 1 if self._restored is not None else None
         self._tensorboard = SummaryWriter(self._tensorboard_dir, purge_step=purge)

@@ -418,8 +418,6 @@ def train(cfg: DictConfig) -> Summary:
     nothing is compiled before the checks pass."""
     num_devices = runtime.device_count()
     data.validate_dataset(cfg)
-    storage.check_writable(cfg.run_dir, "output_dir")
-    storage.check_writable(cfg.checkpoint_dir, "checkpoint_dir")
     if cfg.checkpoint_manager_path:
         checkpoint.check_path(cfg.checkpoint_manager_path)
     resume_from = checkpoint.resume_directory(cfg)
@@ -430,6 +428,9 @@ def train(cfg: DictConfig) -> Summary:
     mesh_shape = parallel.mesh_shape(num_devices, cfg.tensor_parallelism, cfg.expert_parallelism, slices)
     parallel.check_model_fits_mesh(mesh_shape, hf_config)
     parallel.check_multihost_input(mesh_shape)
+    # Last, since they create the directories when they can.
+    storage.check_writable(cfg.run_dir, "output_dir")
+    storage.check_writable(cfg.checkpoint_dir, "checkpoint_dir")
     trainer = Trainer(cfg, hf_config, mesh_shape, resume_from)
     trainer.restore()
     trainer.start()

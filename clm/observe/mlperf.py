@@ -167,6 +167,7 @@ class MLPerfLogger:
     def _open(self) -> None:
         if not self.enabled or self._file is not None:
             return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
         if self._restored is None:
             self._file = open(self.path, "w", buffering=1)
             for line in self._pending:
