@@ -52,6 +52,7 @@ def setup(compile_cache_dir: str | None, full_precision: bool) -> None:
         import torch_xla.backends
 
         torch_xla.backends.set_mat_mul_precision("highest")
+    init_process_group()
 
 
 def process_index() -> int:
@@ -96,7 +97,7 @@ def on_tpu(tensor) -> bool:
 
 def init_process_group() -> None:
     """The gloo process group that torch.distributed.checkpoint and the hosts' stop agreement
-    use; set up once per process, before the first checkpoint. `shutdown` removes it."""
+    use; set up once per process, before the first checkpoint."""
     import torch.distributed as dist
     import torch_xla.runtime as xr
 
@@ -110,13 +111,6 @@ def init_process_group() -> None:
         else:
             # One process: an in-memory store, so no rendezvous file is left behind.
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-
-
-def shutdown() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 @contextlib.contextmanager
