@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from clm import checkpoint, data, parallel, runtime
+from clm import checkpoint, data, parallel, plan, runtime
 from clm.metrics import MetricsWriter, mfu, reference_flops_per_token, training_flops_per_token
 from clm.model import attention, moe
 from clm.model.build import build_model, load_model_config
+from clm.model.weights import tokenizer_source
 from clm.optim import build_optimizer, build_scheduler
 
 # Steps whose timing includes compilation: the first step has no optimizer state yet,
@@ -62,7 +63,7 @@ class Trainer:
         if self.is_main:
             OmegaConf.save(cfg, os.path.join(cfg.run_dir, "config.yaml"), resolve=True)
 
-        self.tokenizer = data.load_tokenizer(cfg.model.tokenizer_name_or_path, cfg.cache_local_dir)
+        self.tokenizer = data.load_tokenizer(tokenizer_source(cfg.model), cfg.cache_local_dir)
 
         self.mesh = parallel.build_mesh(mesh_shape)
         # Several hosts each pass their own rows (minibatch); one host passes the whole batch.
@@ -304,6 +305,7 @@ def train(cfg: DictConfig) -> Summary:
     mesh_shape = parallel.mesh_shape(num_devices, cfg.tensor_parallelism, cfg.expert_parallelism, slices)
     parallel.check_model_fits_mesh(mesh_shape, hf_config)
     parallel.check_multihost_input(mesh_shape)
+    plan.preflight(cfg, hf_config, mesh_shape, runtime.device_type(), runtime.device_kind())
     summary = Trainer(cfg, hf_config, mesh_shape).train()
     print_summary(cfg, summary)
     return summary

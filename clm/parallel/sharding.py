@@ -80,14 +80,22 @@ def plan_parameters(
     return plan
 
 
-def shard_parameters(model: torch.nn.Module, mesh, rules: Mapping[str, Sequence], shape: MeshShape) -> None:
-    """Annotate every parameter with its partition spec (before anything is materialised)."""
+def shard_parameters(model: torch.nn.Module, mesh, rules: Mapping[str, Sequence], shape: MeshShape) -> dict:
+    """Annotate every parameter with its partition spec (before anything is materialised).
+
+    Returns {parameter name: Placement}, which the init and the weight loader fill from.
+    """
     import torch_xla.distributed.spmd as xs
 
+    from clm.parallel.placement import Placement
+
     params = dict(model.named_parameters())
+    placements = {}
     for entry in plan_parameters(((n, p.shape) for n, p in params.items()), rules, shape):
         if any(e is not None for e in entry.spec):
             xs.mark_sharding(params[entry.name], mesh, entry.spec)
+        placements[entry.name] = Placement(mesh, entry.spec)
+    return placements
 
 
 def batch_spec() -> PartitionSpec:
