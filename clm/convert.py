@@ -123,12 +123,12 @@ def hf_to_checkpoint(hf_dir: str, out: str, dtype: str | None = None) -> str:
                       num_devices=runtime.device_count)
     runtime.setup(None, False)
     hf_config = load_model_config(cfg)
-    shape = parallel.mesh_shape(runtime.device_count(), 1, 1, 1)
-    mesh = parallel.build_mesh(shape)
-    model = build_model(cfg, hf_config, lambda m: parallel.shard_parameters(m, mesh, cfg.sharding, shape))
     manager = checkpoint.checkpoint_manager(out)
     if manager.all_steps():
         raise UserError(f"OUT={out}: already holds checkpoint steps {manager.all_steps()}; give a new directory")
+    shape = parallel.mesh_shape(runtime.device_count(), 1, 1, 1)
+    mesh = parallel.build_mesh(shape)
+    model = build_model(cfg, hf_config, lambda m: parallel.shard_parameters(m, mesh, cfg.sharding, shape))
     manager.save(0, {MODEL_KEY: model.state_dict()}, force=True)
     with storage.open(storage.join(out, "0", "config.json"), "w") as f:
         f.write(json.dumps(source.config_fields, indent=2) + "\n")
