@@ -106,6 +106,10 @@ HOST_BASELINE_GB = 2.0
 # Host copies while a parameter is placed (the full values, its shards, then the device buffers)
 # and compiler working set, in units of the largest parameter: clm.model.init / clm.model.weights.
 PLACEMENT_TRANSIENT = 3
+# XLA's CPU backend has no bf16 matmul: it converts a layer's (FSDP-gathered) weights to fp32
+# for every dot, forward and backward, on every virtual device. Bytes per gathered parameter,
+# calibrated on mixtral80 with one device (19 GB peak with SGD, S=64: 1.5 x 4 bytes x 1.71B).
+CPU_COMPUTE_BYTES_PER_LAYER_PARAMETER = 6
 
 
 @dataclass
@@ -187,25 +191,45 @@ def print_plan(cfg: DictConfig, topology: Topology) -> dict[str, float]:
 
 # ------------------------------------------------------------------------ pre-flight
 
-# Overrides tried, in order, when a CPU run does not fit; the first that fits is suggested.
+# Overrides tried, in order, when a CPU run does not fit; the first that fits is suggested,
+# first on this many virtual devices, then on one (no gathered copies, no collectives).
 CPU_FALLBACKS = (
     ["model.dtype=bfloat16"],
     ["model.dtype=bfloat16", "model.fsdp_config.xla_fsdp_grad_ckpt=true"],
-    ["model.dtype=bfloat16", "model.fsdp_config.xla_fsdp_grad_ckpt=true", "max_length=256"],
     ["model.dtype=bfloat16", "model.fsdp_config.xla_fsdp_grad_ckpt=true", "max_length=128"],
     ["model.dtype=bfloat16", "model.fsdp_config.xla_fsdp_grad_ckpt=true", "max_length=128",
      "per_device_train_batch_size=1"],
+    ["model.dtype=bfloat16", "model.fsdp_config.xla_fsdp_grad_ckpt=true", "max_length=128",
+     "per_device_train_batch_size=1", "optimizer=SGD"],
 )
 
 
 def host_bytes_needed(cfg: DictConfig, hf_config, mesh: MeshShape) -> float:
     """Host memory of a run on XLA's CPU backend, which keeps every virtual device's buffers in
     host memory: the larger of building the model (its parameters plus the placement transient
-    of the largest one) and training (the planner's per-device total times the devices), plus
-    the process's own baseline."""
+    of the largest one) and training (the planner's per-device total times the devices, plus
+    each device's fp32 compute copy of one gathered layer), plus the process's own baseline."""
     memory = memory_plan(cfg, hf_config, mesh)
     build = memory.totals["parameters"] * mesh.num_devices + PLACEMENT_TRANSIENT * memory.largest_parameter_bytes
-    return max(build, memory.total * mesh.num_devices) + HOST_BASELINE_GB * GB
+    train = (memory.total + CPU_COMPUTE_BYTES_PER_LAYER_PARAMETER * gathered_layer_parameters(memory)) * mesh.num_devices
+    return max(build, train) + HOST_BASELINE_GB * GB
+
+
+def gathered_layer_parameters(memory: MemoryPlan) -> float:
+    """Parameters of the largest decoder layer as one device computes with it: FSDP axes gathered,
+    tensor and expert axes still split."""
+    layers: dict[str, float] = defaultdict(float)
+    for entry in memory.entries:
+        match = re.match(r"model\.layers\.(\d+)\.", entry.name)
+        if match:
+            split = math.prod(
+                memory.mesh.sizes[a] for spec in entry.spec for a in _axes(spec) if a in ("tensor", "expert"))
+            layers[match.group(1)] += math.prod(entry.shape) / split
+    return max(layers.values(), default=0.0)
+
+
+def _axes(spec) -> tuple:
+    return () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
 
 
 def available_host_bytes() -> float:
@@ -248,14 +272,24 @@ def preflight(cfg: DictConfig, hf_config, mesh: MeshShape, device_type: str, dev
     from omegaconf import OmegaConf
 
     suggestion = None
-    for overrides in CPU_FALLBACKS:
-        candidate = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
-        if host_bytes_needed(candidate, hf_config, mesh) <= available:
-            suggestion = " ".join(overrides)
+    one_device = MeshShape(1, 1, 1, 1)
+    for devices, candidate_mesh in ((mesh.num_devices, mesh), (1, one_device)):
+        for overrides in CPU_FALLBACKS:
+            candidate = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+            if cfg.global_train_batch_size == cfg.per_device_train_batch_size * mesh.num_devices:
+                # The batch follows the device count, as get_global_batch_size resolves it.
+                batch = candidate.per_device_train_batch_size * devices
+                candidate = OmegaConf.merge(candidate, {"global_train_batch_size": batch})
+            if candidate.global_train_batch_size % candidate_mesh.data_parallel:
+                continue
+            if host_bytes_needed(candidate, hf_config, candidate_mesh) <= available:
+                prefix = "" if devices == mesh.num_devices else "CPU_NUM_DEVICES=1 "
+                suggestion = prefix + " ".join(overrides)
+                break
+        if suggestion:
             break
     hint = (f"try {suggestion}" if suggestion else
-            f"no smaller setting of this model fits; use fewer virtual devices (CPU_NUM_DEVICES), a smaller model, "
-            "or a machine with more memory")
+            "no smaller setting of this model fits; use a smaller model or a machine with more memory")
     raise UserError(
         f"this run needs about {needed / GB:.1f} GB of host memory ({model_name(cfg)}, {cfg.model.dtype}, "
         f"{cfg.optimizer}, {mesh.num_devices} virtual CPU devices, max_length={cfg.max_length}) but "

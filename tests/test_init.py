@@ -89,23 +89,28 @@ REFERENCE_DRY_RUN = ["model.config_path=mixtral80.json", "eval_frequency=3", "n_
                      "per_device_train_batch_size=4", "max_steps=30"]
 
 
-def test_preflight_refuses_a_cpu_run_that_cannot_fit_and_names_one_that_does():
+@pytest.mark.parametrize("available_gb", [24, 40])
+def test_preflight_refuses_a_cpu_run_that_cannot_fit_and_names_one_that_does(available_gb):
     from clm.errors import UserError
     from clm.plan import host_bytes_needed, preflight
 
+    available = available_gb * GB
     cfg, hf_config, mesh = _plan_inputs(REFERENCE_DRY_RUN)
-    with pytest.raises(UserError) as caught:
-        preflight(cfg, hf_config, mesh, "CPU", "CPU", available_bytes=24 * GB)
-    message = str(caught.value)
-    assert "\n" not in message
-    assert "needs about" in message and "24.0 GB is available" in message and "float32" in message
-    suggestion = message.split("; try ")[1].split()
-    assert suggestion[0] == "model.dtype=bfloat16"
-    fixed, _, _ = _plan_inputs(REFERENCE_DRY_RUN + suggestion)
-    assert host_bytes_needed(fixed, hf_config, mesh) <= 24 * GB
-    preflight(fixed, hf_config, mesh, "CPU", "CPU", available_bytes=24 * GB)  # fits: no error
     # fp32 AdamW for mixtral80 alone: parameters, gradients and two moments, 4 x 6.85 GB.
     assert host_bytes_needed(cfg, hf_config, mesh) > 27.4 * GB
+    with pytest.raises(UserError) as caught:
+        preflight(cfg, hf_config, mesh, "CPU", "CPU", available_bytes=available)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "needs about" in message and f"{available_gb:.1f} GB is available" in message and "float32" in message
+    suggestion = message.split("; try ")[1].split()
+    devices = 4
+    if suggestion[0] == "CPU_NUM_DEVICES=1":
+        devices, suggestion = 1, suggestion[1:]
+    # The suggested command fits by the same estimate, and passes the pre-flight.
+    fixed, _, fixed_mesh = _plan_inputs(REFERENCE_DRY_RUN + suggestion, devices=devices)
+    assert host_bytes_needed(fixed, hf_config, fixed_mesh) <= available
+    preflight(fixed, hf_config, fixed_mesh, "CPU", "CPU", available_bytes=available)
 
 
 def test_preflight_without_any_fitting_setting_says_so():
@@ -113,7 +118,7 @@ def test_preflight_without_any_fitting_setting_says_so():
     from clm.plan import preflight
 
     cfg, hf_config, mesh = _plan_inputs(REFERENCE_DRY_RUN)
-    with pytest.raises(UserError, match="no smaller setting of this model fits; use fewer virtual devices"):
+    with pytest.raises(UserError, match="no smaller setting of this model fits; use a smaller model"):
         preflight(cfg, hf_config, mesh, "CPU", "CPU", available_bytes=4 * GB)
 
 
