@@ -39,7 +39,7 @@ def main(extra: list[str]) -> None:
     env = {**os.environ, "PJRT_DEVICE": os.environ.get("PJRT_DEVICE", "CPU"), "PYTHONPATH": str(REPO)}
     print("running: " + " ".join(command[1:]), flush=True)
     started = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, bufsize=1)
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     init_peak, peak, last = 0, 0, []
 
     def watch():
@@ -50,11 +50,17 @@ def main(extra: list[str]) -> None:
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    for line in child.stdout:
-        sys.stdout.write(line)
-        last.append(line)
-        if not init_peak and re.search(r"\btrain:", line):
+    # tqdm redraws with \r: split on it too, so the progress bar's first draw (training starts)
+    # is seen when it happens, not at the next newline.
+    pending = ""
+    while chunk := os.read(child.stdout.fileno(), 65536):
+        sys.stdout.write(chunk.decode(errors="replace"))
+        pending += chunk.decode(errors="replace")
+        *lines, pending = re.split(r"[\r\n]", pending)
+        last.extend(lines)
+        if not init_peak and any(re.search(r"\btrain:", line) for line in lines + [pending]):
             init_peak = _peak_rss(child.pid)
+    last.append(pending)
     child.wait()
     watcher.join()
     wall = time.perf_counter() - started
