@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from clm.errors import UserError, run_command
 from clm.parallel import MeshShape, check_model_fits_mesh, mesh_shape, plan_parameters
+from clm.parallel.sharding import _axes_of
 
 GB = 1e9
 # HBM per chip (GB) and TensorCores per chip: a v4/v5p topology name counts TensorCores
@@ -223,13 +224,9 @@ def gathered_layer_parameters(memory: MemoryPlan) -> float:
         match = re.match(r"model\.layers\.(\d+)\.", entry.name)
         if match:
             split = math.prod(
-                memory.mesh.sizes[a] for spec in entry.spec for a in _axes(spec) if a in ("tensor", "expert"))
+                memory.mesh.sizes[a] for spec in entry.spec for a in _axes_of(spec) if a in ("tensor", "expert"))
             layers[match.group(1)] += math.prod(entry.shape) / split
     return max(layers.values(), default=0.0)
-
-
-def _axes(spec) -> tuple:
-    return () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
 
 
 def available_host_bytes() -> float:

@@ -34,7 +34,6 @@ EXPERTS = re.compile(r"^(?P<layer>model\.layers\.\d+\.)mlp\.experts\.(?P<kind>ga
 # Fields of config.json that say nothing about the architecture.
 NOT_ARCHITECTURE = {"architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache",
                     "output_router_logits"}
-GB = 1e9
 
 
 def hub_name(name: str) -> str:
