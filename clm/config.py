@@ -155,6 +155,8 @@ def _register_resolvers(num_devices: Callable[[], int]) -> None:
         "multiply": lambda x, y: x * y,
         "get_global_batch_size": lambda per_device: int(per_device) * num_devices(),
         "pkg_path": lambda rel: str(PACKAGE_DIR / rel),
+        # `default` unless `value` is set, then null (model.config_path yields to model.name_or_path)
+        "unless_set": lambda value, default: default if value in (None, "") else None,
     }
     for name, fn in resolvers.items():
         OmegaConf.register_new_resolver(name, fn, replace=True)

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from clm.errors import UserError, run_command
 from clm.parallel import MeshShape, check_model_fits_mesh, mesh_shape, plan_parameters
+from clm.parallel.sharding import _axes_of
 
 GB = 1e9
 # HBM per chip (GB) and TensorCores per chip: a v4/v5p topology name counts TensorCores
@@ -98,44 +99,83 @@ def _group_name(name: str) -> str:
     return re.sub(r"\.\d+\.", ".*.", name)
 
 
-def print_plan(cfg: DictConfig, topology: Topology) -> dict[str, float]:
+# Optimizer state per parameter byte: AdamW's two moments in the parameters' dtype; plain SGD
+# (no momentum, as clm builds it) keeps none.
+OPTIMIZER_STATE = {"SGD": 0}
+# A process's own footprint on the host besides the model (Python, torch, XLA, the data pipeline).
+HOST_BASELINE_GB = 2.0
+# Host copies while a parameter is placed (the full values, its shards, then the device buffers)
+# and compiler working set, in units of the largest parameter: clm.model.init / clm.model.weights.
+PLACEMENT_TRANSIENT = 3
+# XLA's CPU backend has no bf16 matmul: it converts a layer's (FSDP-gathered) weights to fp32
+# for every dot, forward and backward, on every virtual device. Bytes per gathered parameter,
+# calibrated on mixtral80 with one device (19 GB peak with SGD, S=64: 1.5 x 4 bytes x 1.71B).
+CPU_COMPUTE_BYTES_PER_LAYER_PARAMETER = 6
+
+
+@dataclass
+class MemoryPlan:
+    """Per-device bytes of one run: the planner's numbers, shared by the pre-flight."""
+
+    mesh: MeshShape
+    num_params: int
+    largest_parameter_bytes: float
+    entries: list
+    totals: dict[str, float]
+    activations: dict[str, float]
+
+    @property
+    def total(self) -> float:
+        return sum(self.totals.values())
+
+
+def memory_plan(cfg: DictConfig, hf_config, mesh: MeshShape) -> MemoryPlan:
     from transformers import MixtralForCausalLM
 
+    with torch.device("meta"):
+        model = MixtralForCausalLM(hf_config)
+    shapes = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+    plan = plan_parameters(shapes, cfg.sharding, mesh)
+    b = torch.tensor([], dtype=getattr(torch, cfg.model.dtype)).element_size()
+    param_bytes = sum(math.prod(e.local_shape) for e in plan) * b
+    activations = activation_bytes(cfg, hf_config, mesh)
+    totals = {
+        "parameters": param_bytes,
+        "gradients": param_bytes,
+        "optimizer_state": OPTIMIZER_STATE.get(cfg.optimizer, 2) * param_bytes,
+        "activations": activations["total"],
+    }
+    return MemoryPlan(mesh, sum(math.prod(s) for _, s in shapes), max(math.prod(s) for _, s in shapes) * b,
+                      plan, totals, activations)
+
+
+def model_name(cfg: DictConfig) -> str:
+    return cfg.model.config_path or cfg.model.name_or_path
+
+
+def print_plan(cfg: DictConfig, topology: Topology) -> dict[str, float]:
     from clm.model.build import load_model_config
 
     hf_config = load_model_config(cfg)
     slices = topology.slices if cfg.num_slices == -1 else cfg.num_slices
     mesh = mesh_shape(topology.chips, cfg.tensor_parallelism, cfg.expert_parallelism, slices)
     check_model_fits_mesh(mesh, hf_config)
-    with torch.device("meta"):
-        model = MixtralForCausalLM(hf_config)
-    shapes = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
-    num_params = sum(math.prod(s) for _, s in shapes)
-    plan = plan_parameters(shapes, cfg.sharding, mesh)
+    memory = memory_plan(cfg, hf_config, mesh)
     b = torch.tensor([], dtype=getattr(torch, cfg.model.dtype)).element_size()
 
     groups: dict[str, list] = defaultdict(list)
-    for entry in plan:
+    for entry in memory.entries:
         groups[entry.rule or _group_name(entry.name)].append(entry)
-    print(f"Plan: {cfg.model.config_path} on {topology.name} "
+    print(f"Plan: {model_name(cfg)} on {topology.name} "
           f"({topology.chips} chips, {topology.hbm_gb:g} GB HBM each), mesh {mesh}, "
           f"{cfg.model.dtype}, S={cfg.max_length}, global batch {cfg.global_train_batch_size}")
     print(f"{'parameter group':<48} {'count':>5}  {'global shape':<22} {'partition spec':<36} {'per device':>11}")
-    param_bytes = 0.0
     for rule, entries in groups.items():
         local = sum(math.prod(e.local_shape) for e in entries) * b
-        param_bytes += local
         spec = "(" + ", ".join(str(list(s)) if isinstance(s, tuple) else str(s) for s in entries[0].spec) + ")"
         print(f"{rule:<48} {len(entries):>5}  {str(list(entries[0].shape)):<22} {spec:<36} {local / 2**20:>8.1f} MiB")
 
-    activations = activation_bytes(cfg, hf_config, mesh)
-    totals = {
-        "parameters": param_bytes,
-        "gradients": param_bytes,
-        "optimizer_state": 2 * param_bytes,  # AdamW's two moments, in the parameters' dtype
-        "activations": activations["total"],
-    }
-    total = sum(totals.values())
+    totals, activations, total = memory.totals, memory.activations, memory.total
     usable = USABLE_FRACTION * topology.hbm_gb * GB
     print("\nPer chip (GB): " + ", ".join(f"{k} {v / GB:.2f}" for k, v in totals.items())
           + f" (activations: layer inputs {activations['layer_inputs'] / GB:.2f}, one layer "
@@ -143,11 +183,115 @@ def print_plan(cfg: DictConfig, topology: Topology) -> dict[str, float]:
     verdict = "fits" if total <= usable else "does NOT fit"
     print(f"Total {total / GB:.2f} GB of {topology.hbm_gb:g} GB HBM: {verdict} "
           f"({USABLE_FRACTION:.0%} usable; activations are an estimate, see clm/plan.py)")
-    summary = {"params_b": num_params / 1e9, **{f"{k}_gb": v / GB for k, v in totals.items()},
+    summary = {"params_b": memory.num_params / 1e9, **{f"{k}_gb": v / GB for k, v in totals.items()},
                "total_gb": total / GB, "hbm_gb": topology.hbm_gb}
     print(f"plan: topology={topology.name} chips={topology.chips} "
           + " ".join(f"{k}={v:.2f}" for k, v in summary.items()) + f" fits={'yes' if total <= usable else 'no'}")
     return {**summary, "fits": total <= usable}
+
+
+# ------------------------------------------------------------------------ pre-flight
+
+# Overrides tried, in order, when a CPU run does not fit; the first that fits is suggested,
+# first on this many virtual devices, then on one (no gathered copies, no collectives).
+CPU_FALLBACKS = (
+    ["model.dtype=bfloat16"],
+    ["model.dtype=bfloat16", "model.fsdp_config.xla_fsdp_grad_ckpt=true"],
+    ["model.dtype=bfloat16", "model.fsdp_config.xla_fsdp_grad_ckpt=true", "max_length=128"],
+    ["model.dtype=bfloat16", "model.fsdp_config.xla_fsdp_grad_ckpt=true", "max_length=128",
+     "per_device_train_batch_size=1"],
+    ["model.dtype=bfloat16", "model.fsdp_config.xla_fsdp_grad_ckpt=true", "max_length=128",
+     "per_device_train_batch_size=1", "optimizer=SGD"],
+)
+
+
+def host_bytes_needed(cfg: DictConfig, hf_config, mesh: MeshShape) -> float:
+    """Host memory of a run on XLA's CPU backend, which keeps every virtual device's buffers in
+    host memory: the larger of building the model (its parameters plus the placement transient
+    of the largest one) and training (the planner's per-device total times the devices, plus
+    each device's fp32 compute copy of one gathered layer), plus the process's own baseline."""
+    memory = memory_plan(cfg, hf_config, mesh)
+    build = memory.totals["parameters"] * mesh.num_devices + PLACEMENT_TRANSIENT * memory.largest_parameter_bytes
+    train = (memory.total + CPU_COMPUTE_BYTES_PER_LAYER_PARAMETER * gathered_layer_parameters(memory)) * mesh.num_devices
+    return max(build, train) + HOST_BASELINE_GB * GB
+
+
+def gathered_layer_parameters(memory: MemoryPlan) -> float:
+    """Parameters of the largest decoder layer as one device computes with it: FSDP axes gathered,
+    tensor and expert axes still split."""
+    layers: dict[str, float] = defaultdict(float)
+    for entry in memory.entries:
+        match = re.match(r"model\.layers\.(\d+)\.", entry.name)
+        if match:
+            split = math.prod(
+                memory.mesh.sizes[a] for spec in entry.spec for a in _axes_of(spec) if a in ("tensor", "expert"))
+            layers[match.group(1)] += math.prod(entry.shape) / split
+    return max(layers.values(), default=0.0)
+
+
+def available_host_bytes() -> float:
+    """MemAvailable, or the cgroup's remaining limit when that is lower."""
+    available = math.inf
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        available = info["MemAvailable"]
+    except (OSError, KeyError, ValueError):
+        pass
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit != "max":
+            current = int(open("/sys/fs/cgroup/memory.current").read())
+            available = min(available, int(limit) - current)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def preflight(cfg: DictConfig, hf_config, mesh: MeshShape, device_type: str, device_kind: str,
+              available_bytes: float | None = None) -> None:
+    """Before anything is allocated: on CPU a run that cannot fit the host is one error line with
+    an override that fits; on TPU the planner's HBM verdict is a warning (activations are estimated)."""
+    if device_type == "TPU":
+        if device_kind in CHIPS:
+            total = memory_plan(cfg, hf_config, mesh).total
+            hbm = CHIPS[device_kind][0] * GB
+            if total > USABLE_FRACTION * hbm:
+                print(f"warning: the planner estimates {total / GB:.1f} GB per chip, over {USABLE_FRACTION:.0%} of "
+                      f"{hbm / GB:g} GB HBM; see python -m clm.plan", file=sys.stderr)
+        return
+    if device_type != "CPU":
+        return
+    available = available_host_bytes() if available_bytes is None else available_bytes
+    needed = host_bytes_needed(cfg, hf_config, mesh)
+    if needed <= available:
+        return
+    from omegaconf import OmegaConf
+
+    suggestion = None
+    one_device = MeshShape(1, 1, 1, 1)
+    for devices, candidate_mesh in ((mesh.num_devices, mesh), (1, one_device)):
+        for overrides in CPU_FALLBACKS:
+            candidate = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+            if cfg.global_train_batch_size == cfg.per_device_train_batch_size * mesh.num_devices:
+                # The batch follows the device count, as get_global_batch_size resolves it.
+                batch = candidate.per_device_train_batch_size * devices
+                candidate = OmegaConf.merge(candidate, {"global_train_batch_size": batch})
+            if candidate.global_train_batch_size % candidate_mesh.data_parallel:
+                continue
+            if host_bytes_needed(candidate, hf_config, candidate_mesh) <= available:
+                prefix = "" if devices == mesh.num_devices else "CPU_NUM_DEVICES=1 "
+                suggestion = prefix + " ".join(overrides)
+                break
+        if suggestion:
+            break
+    hint = (f"try {suggestion}" if suggestion else
+            "no smaller setting of this model fits; use a smaller model or a machine with more memory")
+    raise UserError(
+        f"this run needs about {needed / GB:.1f} GB of host memory ({model_name(cfg)}, {cfg.model.dtype}, "
+        f"{cfg.optimizer}, {mesh.num_devices} virtual CPU devices, max_length={cfg.max_length}) but "
+        f"{available / GB:.1f} GB is available; {hint}"
+    )
 
 
 def main(argv: list[str]) -> int:

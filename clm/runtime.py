@@ -74,6 +74,13 @@ def is_main_process() -> bool:
     return process_index() == 0
 
 
+def device_type() -> str:
+    """The PJRT device type: 'TPU', 'CPU', ..."""
+    import torch_xla.runtime as xr
+
+    return xr.device_type()
+
+
 def device_kind() -> str:
     """'v4', 'v5e', 'v5p', 'v6e' on TPU (from the accelerator type, e.g. v5p-256); else the PJRT type."""
     import torch_xla.runtime as xr

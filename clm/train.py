@@ -20,12 +20,13 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from clm import checkpoint, data, parallel, runtime, storage
+from clm import checkpoint, data, parallel, plan, runtime, storage
 from clm.checkpoint import Checkpointer, RNGState
 from clm.errors import EXIT_OK, EXIT_PREEMPTED
 from clm.metrics import MetricsWriter, mfu, reference_flops_per_token, training_flops_per_token
 from clm.model import attention, moe
 from clm.model.build import build_model, load_model_config
+from clm.model.weights import tokenizer_source
 from clm.observe.mlperf import MLPerfLogger
 from clm.observe.recompiles import RecompileWatch
 from clm.observe.wandb_run import WandbRun
@@ -102,7 +103,7 @@ class Trainer:
         self.mlperf.init_start()
         self.resolved_config = redact(OmegaConf.to_container(cfg, resolve=True))  # no secret reaches a file or W&B
 
-        self.tokenizer = data.load_tokenizer(cfg.model.tokenizer_name_or_path, cfg.cache_local_dir)
+        self.tokenizer = data.load_tokenizer(tokenizer_source(cfg.model), cfg.cache_local_dir)
 
         self.mesh = parallel.build_mesh(mesh_shape)
         # Several hosts each pass their own rows (minibatch); one host passes the whole batch.
@@ -428,6 +429,7 @@ def train(cfg: DictConfig) -> Summary:
     mesh_shape = parallel.mesh_shape(num_devices, cfg.tensor_parallelism, cfg.expert_parallelism, slices)
     parallel.check_model_fits_mesh(mesh_shape, hf_config)
     parallel.check_multihost_input(mesh_shape)
+    plan.preflight(cfg, hf_config, mesh_shape, runtime.device_type(), runtime.device_kind())
     # Last, since they create the directories when they can.
     storage.check_writable(cfg.run_dir, "output_dir")
     storage.check_writable(cfg.checkpoint_dir, "checkpoint_dir")

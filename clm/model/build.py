@@ -1,4 +1,4 @@
-"""Build transformers' MixtralForCausalLM for XLA: config, MoE implementation, sharded init."""
+"""Build transformers' MixtralForCausalLM for XLA: config, MoE implementation, sharded weights (pretrained or random)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from clm.errors import UserError
-from clm.model import attention, moe
+from clm.model import attention, init, moe, weights
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -32,19 +32,13 @@ def resolve_config_path(path: str) -> Path:
 
 
 def load_model_config(cfg: DictConfig) -> MixtralConfig:
-    """The transformers config for cfg.model, checked against the run's sequence length."""
-    if not cfg.model.config_path:
-        raise UserError(
-            "model.config_path is required (a model JSON, e.g. mixtral822.json); start from pretrained weights "
-            "with checkpoint_manager_path, as the reference does on TPU"
-        )
-    knob = f"model.config_path={cfg.model.config_path}"
-    try:
-        fields = json.loads(resolve_config_path(cfg.model.config_path).read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{knob}: not valid JSON ({e})") from None
-    if fields.get("model_type") != "mixtral":
-        raise UserError(f"{knob}: model_type is {fields.get('model_type')!r}; clm trains Mixtral (model_type 'mixtral')")
+    """The transformers config for cfg.model, checked against the run's sequence length.
+
+    With model.name_or_path set, the architecture is that directory's config.json (and its
+    weights are checked against it, from the file headers); model.config_path, if also
+    given, must agree with it.
+    """
+    fields, knob = _architecture_fields(cfg)
     hf_config = MixtralConfig.from_dict(fields)
 
     limit = hf_config.max_position_embeddings
@@ -53,18 +47,47 @@ def load_model_config(cfg: DictConfig) -> MixtralConfig:
         if value > limit:
             raise UserError(f"{key}={value} exceeds max_position_embeddings={limit} of {knob}; use at most {limit}")
 
+    if cfg.model.name_or_path:
+        weights.HubCheckpoint(cfg.model.name_or_path).check(hf_config)
     hf_config.use_cache = False
     attention.configure(hf_config, cfg.model.flash_attention)
     moe.configure(hf_config, cfg.model.capacity_factor)
     return hf_config
 
 
-def build_model(cfg: DictConfig, hf_config: MixtralConfig, place_parameters) -> MixtralForCausalLM:
-    """Create the model on the meta device, materialise it on the XLA devices, then initialise.
+def _architecture_fields(cfg: DictConfig) -> tuple[dict, str]:
+    pretrained = weights.HubCheckpoint(cfg.model.name_or_path).config_fields if cfg.model.name_or_path else None
+    if not cfg.model.config_path:
+        if pretrained is None:
+            raise UserError(
+                "model.config_path or model.name_or_path is required (a model JSON such as mixtral822.json, or a "
+                "local directory of pretrained weights in the hub's layout)"
+            )
+        return pretrained, f"model.name_or_path={cfg.model.name_or_path}"
+    knob = f"model.config_path={cfg.model.config_path}"
+    try:
+        fields = json.loads(resolve_config_path(cfg.model.config_path).read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{knob}: not valid JSON ({e})") from None
+    if fields.get("model_type") != "mixtral":
+        raise UserError(f"{knob}: model_type is {fields.get('model_type')!r}; clm trains Mixtral (model_type 'mixtral')")
+    if pretrained is not None:
+        differ = weights.config_fields_differ(fields, pretrained)
+        if differ:
+            raise UserError(
+                f"{knob} and model.name_or_path={cfg.model.name_or_path} disagree on {', '.join(differ)}; "
+                "set model.config_path=null to take the architecture from the pretrained directory"
+            )
+    return fields, knob
 
-    `place_parameters(model)` annotates every parameter's sharding before anything is
-    allocated for real, so a full-size model never exists on one host. XLA's RNG gives the
-    same values whatever the sharding, so a sharded init equals an unsharded one.
+
+def build_model(cfg: DictConfig, hf_config: MixtralConfig, place_parameters) -> MixtralForCausalLM:
+    """The model, sharded on the XLA devices and ready to train: pretrained weights when
+    model.name_or_path is set, else the random init. Never both.
+
+    Created on the meta device; `place_parameters(model)` annotates every parameter's sharding
+    and returns their placements; then each parameter is filled one at a time, every device
+    receiving only its slice, so a full-size model never exists on one host.
     """
     import torch_xla
 
@@ -72,37 +95,16 @@ def build_model(cfg: DictConfig, hf_config: MixtralConfig, place_parameters) -> 
     with torch.device("meta"):
         model = MixtralForCausalLM(hf_config).to(dtype)
     model.to_empty(device=torch_xla.device())
-    place_parameters(model)
-    initialize_on_device(model, cfg.seed)
+    placements = place_parameters(model)
+    init.initialize_buffers(model)
+    if cfg.model.name_or_path:
+        weights.load(model, placements, weights.HubCheckpoint(cfg.model.name_or_path))
+    else:
+        init.initialize_parameters(model, placements, cfg.seed)
     moe.attach(model)
     if cfg.model.fsdp_config.xla_fsdp_grad_ckpt:
         checkpoint_layers(model, cfg.model.fsdp_config.fsdp_transformer_layer_cls_to_wrap)
     return model
-
-
-def initialize_on_device(model: MixtralForCausalLM, seed: int) -> None:
-    """transformers' weight init, run on the XLA devices one module per graph.
-
-    XLA keeps a sharded random init equal to an unsharded one by having every device
-    generate the whole tensor's random bits and keep its slice. In one graph for the whole
-    model that is the full model on every device (141B values for Mixtral-8x22B); one graph
-    per module bounds it by the largest module (one layer's experts).
-    """
-    import torch_xla
-    import torch_xla.core.xla_model as xm
-
-    init_module = model._init_weights
-
-    def init_module_and_run(module: torch.nn.Module) -> None:
-        init_module(module)
-        torch_xla.sync()
-
-    xm.set_rng_state(seed)
-    model._init_weights = init_module_and_run
-    try:
-        model.initialize_weights()
-    finally:
-        del model._init_weights
 
 
 def checkpoint_layers(model: torch.nn.Module, class_names) -> None:

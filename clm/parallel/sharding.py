@@ -80,18 +80,24 @@ def plan_parameters(
     return plan
 
 
-def shard_parameters(model: torch.nn.Module, mesh, rules: Mapping[str, Sequence], shape: MeshShape) -> None:
+def shard_parameters(model: torch.nn.Module, mesh, rules: Mapping[str, Sequence], shape: MeshShape) -> dict:
     """Annotate every parameter with its partition spec (before anything is materialised).
 
     Replicated ones too: a tensor without an annotation and one that a step returned as
     replicated are different inputs to XLA, so a step would compile (and round) differently
     on freshly built or restored parameters than on trained ones.
+    Returns {parameter name: Placement}, which the init and the weight loader fill from.
     """
     import torch_xla.distributed.spmd as xs
 
+    from clm.parallel.placement import Placement
+
     params = dict(model.named_parameters())
+    placements = {}
     for entry in plan_parameters(((n, p.shape) for n, p in params.items()), rules, shape):
         xs.mark_sharding(params[entry.name], mesh, entry.spec)
+        placements[entry.name] = Placement(mesh, entry.spec)
+    return placements
 
 
 def batch_spec() -> PartitionSpec:

@@ -1,0 +1,163 @@
+"""Convert between the hub's layout and this harness's distributed checkpoints.
+
+    python -m clm.convert hf-to-checkpoint HF_DIR OUT [--dtype bfloat16]
+    python -m clm.convert checkpoint-to-hf CHECKPOINT OUT_DIR [--max-shard-size 5GB] [--config FILE]
+
+hf-to-checkpoint loads HF_DIR sharded over this host's devices (as a training start does,
+never the whole model on one host) and saves step 0 of a torch_xla CheckpointManager
+directory OUT (local or gs://), {"model": state_dict}, which `checkpoint_manager_path=OUT`
+loads; the step also gets the config.json. checkpoint-to-hf reads the "model" entry of a
+step directory (or the newest complete step under a directory of steps), one output file's
+tensors at a time through torch.distributed.checkpoint, and writes safetensors files in the
+hub's names with an index and config.json, which `MixtralForCausalLM.from_pretrained` loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import warnings
+
+from clm.errors import UserError, run_command
+
+MODEL_KEY = "model"  # the state dict entry holding model.state_dict(); other entries are ignored
+
+
+def parse_size(text: str) -> int:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMG]?B)", text.strip().upper())
+    if not match:
+        raise UserError(f"--max-shard-size={text}: use a size such as 5GB, 500MB")
+    return int(float(match[1]) * {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}[match[2]])
+
+
+def resolve_step_dir(path: str) -> str:
+    """CHECKPOINT: a step directory (with torch.distributed.checkpoint's .metadata), or a directory
+    of numbered step directories, of which the newest complete one is taken."""
+    from fsspec.core import url_to_fs
+
+    fs, raw = url_to_fs(path)
+    if fs.exists(f"{raw.rstrip('/')}/.metadata"):
+        return path
+    if not fs.isdir(raw):
+        raise UserError(f"CHECKPOINT={path}: no such directory (local path or gs://bucket/prefix)")
+    steps = sorted(
+        (int(entry.rstrip("/").rsplit("/", 1)[-1]), entry) for entry in fs.ls(raw, detail=False)
+        if entry.rstrip("/").rsplit("/", 1)[-1].isdigit() and fs.exists(f"{entry.rstrip('/')}/.metadata")
+    )
+    if not steps:
+        raise UserError(f"CHECKPOINT={path}: neither a checkpoint step (no .metadata) nor a directory of steps")
+    newest = str(steps[-1][0])
+    return path.rstrip("/") + "/" + newest
+
+
+def _reader(step_dir: str):
+    import torch.distributed.checkpoint as dcp
+
+    if "://" in step_dir:
+        from torch.distributed.checkpoint import FsspecReader
+
+        return FsspecReader(step_dir)
+    return dcp.FileSystemReader(step_dir)
+
+
+def _config_fields(step_dir: str, config: str | None) -> dict:
+    from fsspec.core import url_to_fs
+
+    from clm.model.build import resolve_config_path
+
+    if config:
+        import os
+
+        candidate = os.path.join(config, "config.json") if os.path.isdir(config) else config
+        return json.loads(resolve_config_path(candidate).read_text())
+    fs, raw = url_to_fs(step_dir)
+    for candidate in (f"{raw.rstrip('/')}/config.json", f"{raw.rstrip('/').rsplit('/', 1)[0]}/config.json"):
+        if fs.exists(candidate):
+            with fs.open(candidate, "r") as f:
+                return json.load(f)
+    raise UserError(f"CHECKPOINT={step_dir}: no config.json next to it; pass --config (a model JSON such as "
+                    "mixtral80.json, or the pretrained directory)")
+
+
+def checkpoint_to_hf(checkpoint: str, out_dir: str, max_shard_bytes: int, config: str | None = None) -> list[str]:
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from clm.model import weights
+
+    step_dir = resolve_step_dir(checkpoint)
+    fields = _config_fields(step_dir, config)
+    metadata = _reader(step_dir).read_metadata()
+    prefix = MODEL_KEY + "."
+    entries = {key[len(prefix):]: md for key, md in metadata.state_dict_metadata.items()
+               if key.startswith(prefix) and isinstance(md, TensorStorageMetadata)}
+    if not entries:
+        raise UserError(f"CHECKPOINT={step_dir}: no '{MODEL_KEY}' tensors in it")
+
+    def tensors():
+        # One tensor at a time from the checkpoint: memory is one tensor plus the file being filled.
+        for name, md in entries.items():
+            state = {MODEL_KEY: {name: torch.empty(tuple(md.size), dtype=md.properties.dtype)}}
+            with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(state, storage_reader=_reader(step_dir), planner=DefaultLoadPlanner(allow_partial_load=True))
+            yield from weights.to_hub(name, state[MODEL_KEY][name])
+
+    fields = {**fields, "torch_dtype": str(next(iter(entries.values())).properties.dtype).split(".")[1]}
+    return weights.write_hub(tensors(), out_dir, fields, max_shard_bytes)
+
+
+def hf_to_checkpoint(hf_dir: str, out: str, dtype: str | None = None) -> str:
+    from clm import checkpoint, parallel, runtime, storage
+    from clm.config import load_config
+    from clm.model import weights
+    from clm.model.build import build_model, load_model_config
+
+    source = weights.HubCheckpoint(hf_dir, knob="HF_DIR")
+    dtype = dtype or source.config_fields.get("torch_dtype") or source.config_fields.get("dtype") or "float32"
+    cfg = load_config([f"model.name_or_path={hf_dir}", f"model.dtype={dtype}", "model.fsdp_config.xla_fsdp_grad_ckpt=false"],
+                      num_devices=runtime.device_count)
+    runtime.setup(None, False)
+    hf_config = load_model_config(cfg)
+    manager = checkpoint.checkpoint_manager(out)
+    if manager.all_steps():
+        raise UserError(f"OUT={out}: already holds checkpoint steps {manager.all_steps()}; give a new directory")
+    shape = parallel.mesh_shape(runtime.device_count(), 1, 1, 1)
+    mesh = parallel.build_mesh(shape)
+    model = build_model(cfg, hf_config, lambda m: parallel.shard_parameters(m, mesh, cfg.sharding, shape))
+    manager.save(0, {MODEL_KEY: model.state_dict()}, force=True)
+    with storage.open(storage.join(out, "0", "config.json"), "w") as f:
+        f.write(json.dumps(source.config_fields, indent=2) + "\n")
+    return storage.join(out, "0")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m clm.convert", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    to_ckpt = commands.add_parser("hf-to-checkpoint", help="hub-layout directory -> CheckpointManager step 0")
+    to_ckpt.add_argument("hf_dir")
+    to_ckpt.add_argument("out")
+    to_ckpt.add_argument("--dtype", help="parameter dtype in the checkpoint (default: config.json's torch_dtype)")
+    to_hf = commands.add_parser("checkpoint-to-hf", help="checkpoint step (or directory of steps) -> hub layout")
+    to_hf.add_argument("checkpoint")
+    to_hf.add_argument("out_dir")
+    to_hf.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    to_hf.add_argument("--config", help="config JSON (default: config.json in or next to the step)")
+    args = parser.parse_args(argv)
+
+    def run():
+        if args.command == "hf-to-checkpoint":
+            print(f"convert: wrote {hf_to_checkpoint(args.hf_dir, args.out, args.dtype)}")
+        else:
+            files = checkpoint_to_hf(args.checkpoint, args.out_dir, parse_size(args.max_shard_size), args.config)
+            print(f"convert: wrote {len(files)} files to {args.out_dir}")
+
+    return run_command(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
