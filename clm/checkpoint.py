@@ -53,7 +53,7 @@ MAY_CHANGE_ON_RESUME = (
 # ------------------------------------------------------------------------ locating
 
 
-def _fs(path: str):
+def filesystem(path: str):
     # gcsfs's experimental zonal-bucket support probes endpoints that plain buckets (and the
     # GCS emulator) do not have.
     os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
@@ -64,7 +64,7 @@ def _fs(path: str):
 
 def step_directories(directory: str) -> dict[int, bool]:
     """{step: complete} for every numbered directory under `directory` (none if it is missing)."""
-    fs, root = _fs(directory)
+    fs, root = filesystem(directory)
     if not fs.exists(root):
         return {}
     steps = {}
@@ -94,7 +94,7 @@ def resume_directory(cfg: DictConfig) -> str | None:
         return newest_complete(cfg.checkpoint_dir, "checkpoint_dir")
     path = cfg.resume.rstrip("/")
     steps = step_directories(path)
-    fs, root = _fs(path)
+    fs, root = filesystem(path)
     if os.path.basename(path).isdigit() and fs.exists(f"{root}/{COMMIT_MARKER}"):
         return path
     if os.path.basename(path).isdigit() and fs.exists(f"{root}/{DCP_METADATA}"):

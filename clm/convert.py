@@ -34,22 +34,18 @@ def parse_size(text: str) -> int:
 
 def resolve_step_dir(path: str) -> str:
     """CHECKPOINT: a step directory (with torch.distributed.checkpoint's .metadata), or a directory
-    of numbered step directories, of which the newest complete one is taken."""
-    from fsspec.core import url_to_fs
+    of numbered step directories, of which the newest complete one is taken (clm.checkpoint's rule)."""
+    from clm import checkpoint
 
-    fs, raw = url_to_fs(path)
-    if fs.exists(f"{raw.rstrip('/')}/.metadata"):
+    fs, raw = checkpoint.filesystem(path)
+    if fs.exists(f"{raw.rstrip('/')}/{checkpoint.DCP_METADATA}"):
         return path
     if not fs.isdir(raw):
         raise UserError(f"CHECKPOINT={path}: no such directory (local path or gs://bucket/prefix)")
-    steps = sorted(
-        (int(entry.rstrip("/").rsplit("/", 1)[-1]), entry) for entry in fs.ls(raw, detail=False)
-        if entry.rstrip("/").rsplit("/", 1)[-1].isdigit() and fs.exists(f"{entry.rstrip('/')}/.metadata")
-    )
-    if not steps:
-        raise UserError(f"CHECKPOINT={path}: neither a checkpoint step (no .metadata) nor a directory of steps")
-    newest = str(steps[-1][0])
-    return path.rstrip("/") + "/" + newest
+    newest = checkpoint.newest_complete(path, "CHECKPOINT")
+    if newest is None:
+        raise UserError(f"CHECKPOINT={path}: neither a checkpoint step (no .metadata) nor a directory of complete steps")
+    return newest
 
 
 def _reader(step_dir: str):
