@@ -24,6 +24,7 @@ import os
 import pickle
 import random
 import sys
+import warnings
 from datetime import datetime, timezone
 
 import numpy as np
@@ -123,7 +124,9 @@ def read_items(step_directory: str, items: dict) -> dict:
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
     reader = FsspecReader(step_directory) if storage.is_gcs(step_directory) else FileSystemReader(step_directory)
-    dcp.load(items, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # "torch.distributed is disabled ...": one process is the point
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(items, storage_reader=reader, no_dist=True)
     return items
 
 
@@ -370,3 +373,50 @@ def _loaded_in_place(state: dict):
         torch_xla.sync()
         if sharding and not torch_xla._XLAC._get_xla_sharding_spec(tensor):
             torch_xla._XLAC._xla_mark_sharding(tensor, sharding)
+
+
+
+
+# ---------------------------------------------------------------------- the tool
+
+
+def list_checkpoints(directory: str) -> list[dict]:
+    """One row per step directory: step, time, size, completeness and the config's key values."""
+    fs, root = filesystem(directory)
+    rows = []
+    for step, complete in step_directories(directory).items():
+        files = fs.find(f"{root.rstrip('/')}/{step}", detail=True)
+        size = sum(info.get("size") or 0 for info in files.values())
+        times = [_modified(info) for info in files.values()]
+        row = {"step": step, "time": max((t for t in times if t), default=None), "size_mb": round(size / 1e6, 1)}
+        if complete:
+            config = saved_config(storage.join(directory, str(step)))
+            row.update({key: OmegaConf.select(config, key) for key in
+                        ("model.config_path", "max_length", "global_train_batch_size", "lr", "seed", "max_steps")})
+        row["complete"] = complete
+        rows.append(row)
+    return rows
+
+
+def _modified(info: dict) -> str | None:
+    value = info.get("mtime") or info.get("updated") or info.get("created")
+    if isinstance(value, (int, float)):
+        value = datetime.fromtimestamp(value, tz=timezone.utc)
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="seconds")
+    return str(value) if value is not None else None
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2 or argv[0] != "ls":
+        raise UserError("usage: python -m clm.checkpoint ls CHECKPOINT_DIR (a local directory or gs://bucket/prefix)")
+    rows = list_checkpoints(argv[1])
+    if not rows:
+        raise UserError(f"{argv[1]}: no checkpoints there (expected numbered step directories)")
+    for row in rows:
+        state = "complete" if row.pop("complete") else "INCOMPLETE (ignored on resume)"
+        print(" ".join(f"{key}={value}" for key, value in row.items()), state)
+
+
+if __name__ == "__main__":
+    sys.exit(run_command(lambda: main(sys.argv[1:])))

@@ -9,6 +9,9 @@ os.environ.setdefault("PJRT_DEVICE", "CPU")
 os.environ.setdefault("CPU_NUM_DEVICES", "8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
+# As every clm process sets before torch_xla starts (clm.runtime.device_count): Python scalars
+# become graph inputs, not constants, so in-process runs compile what subprocess runs compile.
+os.environ.setdefault("XLA_NO_SPECIAL_SCALARS", "1")
 
 # Every clm process runs XLA in SPMD mode (clm.runtime.setup), so the test session does too,
 # from the start: switching modes later, with XLA tensors already alive, can crash XLA.
