@@ -36,6 +36,12 @@ from clm.errors import UserError, run_command
 
 logger = logging.getLogger(__name__)
 
+# What torch.distributed.checkpoint and torch_xla's planners warn about on every save, from
+# their own code: nothing a user can act on (README "A quiet console").
+for _message in ("The function definition for SavePlanner.set_up_planner", "TypedStorage is deprecated",
+                 "Using a non-tuple sequence for multidimensional indexing"):
+    warnings.filterwarnings("ignore", message=_message, category=UserWarning)
+
 COMMIT_MARKER = ".manager_metadata"  # CheckpointManager writes it after everything else
 DCP_METADATA = ".metadata"
 
