@@ -100,13 +100,12 @@ def resume_directory(cfg: DictConfig) -> str | None:
     if cfg.resume == "auto":
         return newest_complete(cfg.checkpoint_dir, "checkpoint_dir")
     path = cfg.resume.rstrip("/")
-    steps = step_directories(path)
     fs, root = filesystem(path)
     if os.path.basename(path).isdigit() and fs.exists(f"{root}/{COMMIT_MARKER}"):
         return path
     if os.path.basename(path).isdigit() and fs.exists(f"{root}/{DCP_METADATA}"):
         raise UserError(f"resume={path}: that checkpoint is incomplete (no {COMMIT_MARKER}); resume from an older step")
-    found = newest_complete(path, "resume") if steps else None
+    found = newest_complete(path, "resume")
     if found is None:
         raise UserError(
             f"resume={path}: no complete checkpoint there; give a step directory (checkpoint_dir/STEP), "
@@ -123,13 +122,19 @@ def _split_step(step_directory: str) -> tuple[str, int]:
 # --------------------------------------------------------------------- reading
 
 
-def read_items(step_directory: str, items: dict) -> dict:
-    """Non-tensor items of a checkpoint (e.g. {"config": ""}) without a process group or XLA."""
-    import torch.distributed.checkpoint as dcp
+def storage_reader(step_directory: str):
+    """torch.distributed.checkpoint's reader for a local or gs:// step directory."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
-    reader = FsspecReader(step_directory) if storage.is_gcs(step_directory) else FileSystemReader(step_directory)
+    return FsspecReader(step_directory) if storage.is_gcs(step_directory) else FileSystemReader(step_directory)
+
+
+def read_items(step_directory: str, items: dict) -> dict:
+    """Non-tensor items of a checkpoint (e.g. {"config": ""}) without a process group or XLA."""
+    import torch.distributed.checkpoint as dcp
+
+    reader = storage_reader(step_directory)
     with warnings.catch_warnings():  # "torch.distributed is disabled ...": one process is the point
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(items, storage_reader=reader, no_dist=True)
@@ -142,10 +147,9 @@ def saved_config(step_directory: str) -> DictConfig:
 
 def tensor_shapes(step_directory: str) -> dict[str, tuple[int, ...]]:
     """{flattened key: shape} of every tensor in a checkpoint, from its metadata alone."""
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    metadata = FsspecReader(step_directory).read_metadata()
+    metadata = storage_reader(step_directory).read_metadata()
     return {key: tuple(item.size) for key, item in metadata.state_dict_metadata.items()
             if isinstance(item, TensorStorageMetadata)}
 
@@ -266,7 +270,6 @@ class Checkpointer:
         self.host_key = f"host_{process_index}"
         self.last_saved_step: int | None = None
         self._manager = None
-        self.save_seconds: list[float] = []  # time each save blocked training
 
     @property
     def manager(self):
@@ -280,11 +283,8 @@ class Checkpointer:
 
     def save(self, step: int, blocking: bool = False) -> None:
         """Checkpoint `step` (in the background when async_checkpoint, unless blocking)."""
-        import time
-
         if step == self.last_saved_step:
             return
-        started = time.perf_counter()
         runtime.wait_for_async_closures()  # the logs' state must include every row up to this step
         state = {
             "model": model_state(self.model),
@@ -298,7 +298,6 @@ class Checkpointer:
         if blocking or not self.cfg.async_checkpoint:
             self.manager.join()
         self.last_saved_step = step
-        self.save_seconds.append(time.perf_counter() - started)
 
     def restore(self, step_directory: str) -> int:
         """Load a checkpoint into the (primed) optimizer, the model and every host state."""

@@ -20,6 +20,7 @@ import re
 import sys
 import warnings
 
+from clm.checkpoint import DCP_METADATA, filesystem, newest_complete, storage_reader
 from clm.errors import UserError, run_command
 
 MODEL_KEY = "model"  # the state dict entry holding model.state_dict(); other entries are ignored
@@ -35,27 +36,15 @@ def parse_size(text: str) -> int:
 def resolve_step_dir(path: str) -> str:
     """CHECKPOINT: a step directory (with torch.distributed.checkpoint's .metadata), or a directory
     of numbered step directories, of which the newest complete one is taken (clm.checkpoint's rule)."""
-    from clm import checkpoint
-
-    fs, raw = checkpoint.filesystem(path)
-    if fs.exists(f"{raw.rstrip('/')}/{checkpoint.DCP_METADATA}"):
+    fs, raw = filesystem(path)
+    if fs.exists(f"{raw.rstrip('/')}/{DCP_METADATA}"):
         return path
     if not fs.isdir(raw):
         raise UserError(f"CHECKPOINT={path}: no such directory (local path or gs://bucket/prefix)")
-    newest = checkpoint.newest_complete(path, "CHECKPOINT")
+    newest = newest_complete(path, "CHECKPOINT")
     if newest is None:
         raise UserError(f"CHECKPOINT={path}: neither a checkpoint step (no .metadata) nor a directory of complete steps")
     return newest
-
-
-def _reader(step_dir: str):
-    import torch.distributed.checkpoint as dcp
-
-    if "://" in step_dir:
-        from torch.distributed.checkpoint import FsspecReader
-
-        return FsspecReader(step_dir)
-    return dcp.FileSystemReader(step_dir)
 
 
 def _config_fields(step_dir: str, config: str | None) -> dict:
@@ -87,7 +76,7 @@ def checkpoint_to_hf(checkpoint: str, out_dir: str, max_shard_bytes: int, config
 
     step_dir = resolve_step_dir(checkpoint)
     fields = _config_fields(step_dir, config)
-    metadata = _reader(step_dir).read_metadata()
+    metadata = storage_reader(step_dir).read_metadata()
     prefix = MODEL_KEY + "."
     entries = {key[len(prefix):]: md for key, md in metadata.state_dict_metadata.items()
                if key.startswith(prefix) and isinstance(md, TensorStorageMetadata)}
@@ -100,7 +89,8 @@ def checkpoint_to_hf(checkpoint: str, out_dir: str, max_shard_bytes: int, config
             state = {MODEL_KEY: {name: torch.empty(tuple(md.size), dtype=md.properties.dtype)}}
             with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.load(state, storage_reader=_reader(step_dir), planner=DefaultLoadPlanner(allow_partial_load=True))
+                dcp.load(state, storage_reader=storage_reader(step_dir),
+                         planner=DefaultLoadPlanner(allow_partial_load=True))
             yield from weights.to_hub(name, state[MODEL_KEY][name])
 
     fields = {**fields, "torch_dtype": str(next(iter(entries.values())).properties.dtype).split(".")[1]}

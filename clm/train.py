@@ -90,14 +90,13 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig, hf_config, mesh_shape: parallel.MeshShape, resume_from: str | None = None):
         import torch_xla.distributed.spmd as xs
-        import torch_xla.runtime as xr
         from torch_xla.distributed.spmd.xla_sharding import MarkShardingFunction
 
         runtime.setup(cfg.local_compile_cache_dir, cfg.full_precision)
         self.cfg = cfg
         self.hf_config = hf_config
         self.num_devices = mesh_shape.num_devices
-        self.is_main = xr.process_index() == 0
+        self.is_main = runtime.is_main_process()
         self.resume_from = resume_from
         self.mlperf = MLPerfLogger(os.path.join(cfg.run_dir, "mlperf_compliance.log"), enabled=self.is_main)
         self.mlperf.init_start()
@@ -107,7 +106,7 @@ class Trainer:
 
         self.mesh = parallel.build_mesh(mesh_shape)
         # Several hosts each pass their own rows (minibatch); one host passes the whole batch.
-        self.input_sharding = xs.ShardingSpec(self.mesh, parallel.batch_spec(), minibatch=xr.process_count() > 1)
+        self.input_sharding = xs.ShardingSpec(self.mesh, parallel.batch_spec(), minibatch=runtime.process_count() > 1)
         # Constraints inside the model: MoE buffers split by expert (all-to-all under expert
         # parallelism), attention heads by tensor for the flash kernel.
         moe.set_expert_activation_sharding(
@@ -124,7 +123,7 @@ class Trainer:
             prime_optimizer(self.optimizer)
         self.scheduler = build_scheduler(cfg, self.optimizer)
 
-        process = dict(process_index=xr.process_index(), process_count=xr.process_count())
+        process = dict(process_index=runtime.process_index(), process_count=runtime.process_count())
         self.train_batches = data.build_train_stream(cfg, self.tokenizer, **process)
         self.eval_set = data.build_eval_set(cfg, self.tokenizer, **process)
 
@@ -142,7 +141,7 @@ class Trainer:
         self.device_kind = runtime.device_kind()
         self.summary = Summary(tokens_per_step=cfg.global_train_batch_size * cfg.max_length)
         self.loop = LoopState()
-        self.checkpointer = Checkpointer(cfg, self.model, self.optimizer, process_index=xr.process_index(), host_state={
+        self.checkpointer = Checkpointer(cfg, self.model, self.optimizer, process_index=runtime.process_index(), host_state={
             "loop": self.loop, "scheduler": self.scheduler, "data": self.train_batches, "rng": RNGState(),
             "metrics": self.metrics, "mlperf": self.mlperf, "wandb": self.wandb, "recompiles": self.recompiles,
         })
