@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from clm import runtime  # noqa: E402
 from clm.config import load_config  # noqa: E402
-from clm.model.build import CONFIGS_DIR, load_model_config  # noqa: E402
+from clm.model.config import CONFIGS_DIR, load_model_config  # noqa: E402
 from clm.parallel import mesh_shape  # noqa: E402
 from clm.train import Trainer  # noqa: E402
 

@@ -72,7 +72,8 @@ def run(hub: Path) -> None:
     from clm import parallel, runtime
     from clm.config import load_config
     from clm.model import init, weights
-    from clm.model.build import build_model, load_model_config
+    from clm.model.build import build_model
+    from clm.model.config import load_model_config
 
     cfg = load_config([f"model.name_or_path={hub}", "model.dtype=bfloat16"], num_devices=runtime.device_count)
     runtime.setup(None, False)

@@ -50,7 +50,7 @@ def resolve_step_dir(path: str) -> str:
 def _config_fields(step_dir: str, config: str | None) -> dict:
     from fsspec.core import url_to_fs
 
-    from clm.model.build import resolve_config_path
+    from clm.model.config import resolve_config_path
 
     if config:
         import os
@@ -101,7 +101,8 @@ def hf_to_checkpoint(hf_dir: str, out: str, dtype: str | None = None) -> str:
     from clm import checkpoint, parallel, runtime, storage
     from clm.config import load_config
     from clm.model import weights
-    from clm.model.build import build_model, load_model_config
+    from clm.model.build import build_model
+    from clm.model.config import load_model_config
 
     source = weights.HubCheckpoint(hf_dir, knob="HF_DIR")
     dtype = dtype or source.config_fields.get("torch_dtype") or source.config_fields.get("dtype") or "float32"

@@ -154,7 +154,7 @@ def model_name(cfg: DictConfig) -> str:
 
 
 def print_plan(cfg: DictConfig, topology: Topology) -> dict[str, float]:
-    from clm.model.build import load_model_config
+    from clm.model.config import load_model_config
 
     hf_config = load_model_config(cfg)
     slices = topology.slices if cfg.num_slices == -1 else cfg.num_slices

@@ -25,7 +25,8 @@ from clm.checkpoint import Checkpointer, RNGState
 from clm.errors import EXIT_OK, EXIT_PREEMPTED
 from clm.metrics import MetricsWriter, mfu, reference_flops_per_token, training_flops_per_token
 from clm.model import attention, moe
-from clm.model.build import build_model, load_model_config
+from clm.model.build import build_model
+from clm.model.config import load_model_config
 from clm.model.weights import tokenizer_source
 from clm.observe.mlperf import MLPerfLogger
 from clm.observe.recompiles import RecompileWatch

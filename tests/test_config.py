@@ -130,10 +130,11 @@ def test_cli_bad_input_is_one_line_nonzero_exit_no_traceback_and_keeps_old_files
 
 @pytest.mark.parametrize(
     "text, message",
-    [('{"model_type": "llama", "hidden_size": 8}', "model_type is 'llama'"), ("{not json", "not valid JSON")],
+    [('{"model_type": "no_such_model", "hidden_size": 8}', "model_type 'no_such_model' is not an architecture"),
+     ("{not json", "not valid JSON")],
 )
-def test_model_config_that_is_not_a_mixtral_json_is_one_user_error(tmp_path, text, message):
-    from clm.model.build import load_model_config
+def test_model_config_that_is_not_a_causal_lm_json_is_one_user_error(tmp_path, text, message):
+    from clm.model.config import load_model_config
 
     (tmp_path / "model.json").write_text(text)
     with pytest.raises(UserError, match=message) as info:

@@ -27,7 +27,8 @@ def worker(*args: str, devices: int) -> str:
 def build(overrides: list[str]):
     from clm import parallel, runtime
     from clm.config import load_config
-    from clm.model.build import build_model, load_model_config
+    from clm.model.build import build_model
+    from clm.model.config import load_model_config
 
     cfg = load_config(["model.dtype=float32", *overrides], num_devices=runtime.device_count)
     runtime.setup(None, False)
@@ -78,7 +79,7 @@ def test_init_host_memory_is_bounded_by_one_parameter_for_any_device_count(tmp_p
 def _plan_inputs(overrides: list[str], devices: int = 4):
     from clm import parallel
     from clm.config import load_config
-    from clm.model.build import load_model_config
+    from clm.model.config import load_model_config
 
     cfg = load_config(overrides, num_devices=devices)
     return cfg, load_model_config(cfg), parallel.mesh_shape(devices, cfg.tensor_parallelism, cfg.expert_parallelism, 1)

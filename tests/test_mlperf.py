@@ -157,7 +157,7 @@ class ShorterBatchesAfter:
 
 
 def test_a_recompilation_after_warmup_is_one_warning_with_step_and_cause_and_is_counted(tmp_path, caplog):
-    from clm.model.build import load_model_config
+    from clm.model.config import load_model_config
     from clm.parallel import mesh_shape
     from clm.train import Trainer
 

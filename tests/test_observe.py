@@ -138,7 +138,7 @@ def test_compilation_analysis_names_cause_graph_and_the_first_frame_outside_libr
 
 
 def test_mfu_flops_per_token_for_mixtral_8x22b_by_hand():
-    from clm.model.build import CONFIGS_DIR
+    from clm.model.config import CONFIGS_DIR
     from transformers import MixtralConfig
 
     config = MixtralConfig(**json.loads((CONFIGS_DIR / "mixtral822.json").read_text()))

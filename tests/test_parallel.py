@@ -16,7 +16,7 @@ from transformers import MixtralForCausalLM
 from clm import parallel
 from clm.config import load_config
 from clm.errors import UserError
-from clm.model.build import load_model_config
+from clm.model.config import load_model_config
 
 REPO = Path(__file__).resolve().parents[1]
 # fp32, 8 sequences of 64 tokens, 3 optimizer steps, no eval.

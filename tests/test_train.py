@@ -11,7 +11,7 @@ import torch
 import torch_xla.debug.metrics as met
 from omegaconf import OmegaConf
 
-import clm.model.build
+import clm.model.config
 from clm import runtime
 from clm.config import load_config
 from clm.train import Trainer, train
@@ -74,7 +74,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     differs from the whole batch's (in the reference too); it is switched off here so that
     the comparison is of the additive part, which must agree to float precision.
     """
-    model_json = json.loads((Path(clm.model.build.CONFIGS_DIR) / "mixtral_tiny.json").read_text())
+    model_json = json.loads((Path(clm.model.config.CONFIGS_DIR) / "mixtral_tiny.json").read_text())
     model_json["router_aux_loss_coef"] = 0.0
     (tmp_path / "tiny_no_aux.json").write_text(json.dumps(model_json))
     losses = {}
@@ -98,7 +98,7 @@ def test_after_warmup_no_recompilation_and_no_host_transfer_outside_log_steps(tm
     log step's values leave the device in one transfer, inside its asynchronous closure."""
     cfg = config(tmp_path, "max_steps=20", "log_frequency=3", "eval_frequency=100", "do_first_eval=false",
                  "gradient_accumulation_steps=2", "global_train_batch_size=16", "wandb.mode=disabled")
-    from clm.model.build import load_model_config
+    from clm.model.config import load_model_config
     from clm.parallel import mesh_shape
 
     trainer = Trainer(cfg, load_model_config(cfg), mesh_shape(runtime.device_count(), 1, 1, 1))
@@ -120,7 +120,7 @@ def test_after_warmup_no_recompilation_and_no_host_transfer_outside_log_steps(tm
 def test_checkpoint_manager_path_starts_from_the_saved_weights(tmp_path):
     """The reference's initial-weights checkpoint: CheckpointManager.save(0, {"model": ...})."""
     from clm.checkpoint import checkpoint_manager
-    from clm.model.build import load_model_config
+    from clm.model.config import load_model_config
     from clm.parallel import mesh_shape
 
     def build(output_dir, *overrides):

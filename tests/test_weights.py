@@ -139,7 +139,7 @@ def _copy(hub_dir: Path, tmp_path: Path) -> Path:
 def _config_error(overrides: list[str]) -> str:
     from clm.config import load_config
     from clm.errors import UserError
-    from clm.model.build import load_model_config
+    from clm.model.config import load_model_config
 
     with pytest.raises(UserError) as caught:
         load_model_config(load_config(overrides, num_devices=8))
@@ -186,7 +186,7 @@ def test_config_path_and_name_or_path_must_agree(hub_dir):
     assert "disagree on" in message and "hidden_size" in message and "intermediate_size" in message
     assert "model.config_path=null" in message
     from clm.config import load_config
-    from clm.model.build import load_model_config
+    from clm.model.config import load_model_config
 
     # The shipped tiny config is the same architecture: no complaint.
     load_model_config(load_config([f"model.name_or_path={hub_dir}", "model.config_path=mixtral_tiny.json"], num_devices=8))
@@ -224,7 +224,8 @@ def _build(overrides: list[str]):
     from clm import checkpoint, parallel, runtime
     from clm.config import load_config
     from clm.model import init
-    from clm.model.build import build_model, load_model_config
+    from clm.model.build import build_model
+    from clm.model.config import load_model_config
 
     cfg = load_config(overrides, num_devices=runtime.device_count)
     runtime.setup(None, cfg.full_precision)
@@ -295,7 +296,7 @@ if __name__ == "__main__":
         from clm import parallel, runtime
         from clm.config import load_config
         from clm.model import weights
-        from clm.model.build import load_model_config
+        from clm.model.config import load_model_config
 
         cfg = load_config(rest, num_devices=runtime.device_count)
         runtime.setup(None, False)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from types import MethodType
 
 import torch
@@ -12,74 +10,6 @@ from transformers import MixtralConfig, MixtralForCausalLM
 
 from clm.errors import UserError
 from clm.model import attention, init, moe, weights
-
-CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
-
-
-def shipped_configs() -> list[str]:
-    return sorted(p.name for p in CONFIGS_DIR.glob("*.json"))
-
-
-def resolve_config_path(path: str) -> Path:
-    """A file path as given, else one of the JSONs shipped in clm/model/configs."""
-    for candidate in (Path(path).expanduser(), CONFIGS_DIR / path):
-        if candidate.is_file():
-            return candidate
-    raise UserError(
-        f"model.config_path={path}: no such file; give a path to a model config JSON "
-        f"or one of the shipped configs: {', '.join(shipped_configs())}"
-    )
-
-
-def load_model_config(cfg: DictConfig) -> MixtralConfig:
-    """The transformers config for cfg.model, checked against the run's sequence length.
-
-    With model.name_or_path set, the architecture is that directory's config.json (and its
-    weights are checked against it, from the file headers); model.config_path, if also
-    given, must agree with it.
-    """
-    fields, knob = _architecture_fields(cfg)
-    hf_config = MixtralConfig.from_dict(fields)
-
-    limit = hf_config.max_position_embeddings
-    for key in ("max_length", "model.max_sequence_length"):
-        value = cfg.max_length if key == "max_length" else cfg.model.max_sequence_length
-        if value > limit:
-            raise UserError(f"{key}={value} exceeds max_position_embeddings={limit} of {knob}; use at most {limit}")
-
-    if cfg.model.name_or_path:
-        weights.HubCheckpoint(cfg.model.name_or_path).check(hf_config)
-    hf_config.use_cache = False
-    attention.configure(hf_config, cfg.model.flash_attention)
-    moe.configure(hf_config, cfg.model.capacity_factor)
-    return hf_config
-
-
-def _architecture_fields(cfg: DictConfig) -> tuple[dict, str]:
-    pretrained = weights.HubCheckpoint(cfg.model.name_or_path).config_fields if cfg.model.name_or_path else None
-    if not cfg.model.config_path:
-        if pretrained is None:
-            raise UserError(
-                "model.config_path or model.name_or_path is required (a model JSON such as mixtral822.json, or a "
-                "local directory of pretrained weights in the hub's layout)"
-            )
-        return pretrained, f"model.name_or_path={cfg.model.name_or_path}"
-    knob = f"model.config_path={cfg.model.config_path}"
-    try:
-        fields = json.loads(resolve_config_path(cfg.model.config_path).read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{knob}: not valid JSON ({e})") from None
-    if fields.get("model_type") != "mixtral":
-        raise UserError(f"{knob}: model_type is {fields.get('model_type')!r}; clm trains Mixtral (model_type 'mixtral')")
-    if pretrained is not None:
-        differ = weights.config_fields_differ(fields, pretrained)
-        if differ:
-            raise UserError(
-                f"{knob} and model.name_or_path={cfg.model.name_or_path} disagree on {', '.join(differ)}; "
-                "set model.config_path=null to take the architecture from the pretrained directory"
-            )
-    return fields, knob
-
 
 def build_model(cfg: DictConfig, hf_config: MixtralConfig, place_parameters) -> MixtralForCausalLM:
     """The model, sharded on the XLA devices and ready to train: pretrained weights when
@@ -91,6 +21,9 @@ def build_model(cfg: DictConfig, hf_config: MixtralConfig, place_parameters) -> 
     """
     import torch_xla
 
+    # The config carries the architecture only (clm.model.config); what clm runs it with is set here.
+    attention.configure(hf_config, cfg.model.flash_attention)
+    moe.configure(hf_config, cfg.model.capacity_factor)
     dtype = getattr(torch, cfg.model.dtype)
     with torch.device("meta"):
         model = MixtralForCausalLM(hf_config).to(dtype)

@@ -31,9 +31,6 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 TOKENIZER = "tokenizer.model"
 EXPERTS = re.compile(r"^(?P<layer>model\.layers\.\d+\.)mlp\.experts\.(?P<kind>gate_up_proj|down_proj)$")
-# Fields of config.json that say nothing about the architecture.
-NOT_ARCHITECTURE = {"architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache",
-                    "output_router_logits"}
 
 
 def hub_name(name: str) -> str:
@@ -106,9 +103,6 @@ class HubCheckpoint:
             self.config_fields = json.loads(config_file.read_text())
         except json.JSONDecodeError as e:
             raise UserError(f"{self.knob}: config.json is not valid JSON ({e})") from None
-        if self.config_fields.get("model_type") != "mixtral":
-            raise UserError(f"{self.knob}: config.json has model_type {self.config_fields.get('model_type')!r}; "
-                            "clm loads Mixtral (model_type 'mixtral')")
         self.weight_map = self._weight_map()
         self._shapes: dict[str, tuple[int, ...]] | None = None
 
@@ -161,6 +155,9 @@ class HubCheckpoint:
         """Every tensor the model needs is there, with the shape its config implies, and nothing else."""
         from transformers import MixtralForCausalLM
 
+        if hf_config.model_type != "mixtral":
+            raise UserError(f"{self.knob}: clm loads pretrained weights of Mixtral only so far "
+                            f"(model_type {hf_config.model_type!r}); use model.config_path for a random init")
         with torch.device("meta"):
             model = MixtralForCausalLM(hf_config)
         expected = hub_shapes(((n, p.shape) for n, p in model.named_parameters()), hf_config.num_local_experts)
@@ -277,14 +274,6 @@ def _round_robin(groups: list[list[str]]):
     longest = max((len(g) for g in groups), default=0)
     for i in range(longest):
         yield [g[i] for g in groups if i < len(g)]
-
-
-def config_fields_differ(a: dict, b: dict) -> list[str]:
-    """Architecture fields on which two config.json dicts disagree (after transformers' defaults)."""
-    from transformers import MixtralConfig
-
-    da, db = MixtralConfig.from_dict(a).to_dict(), MixtralConfig.from_dict(b).to_dict()
-    return sorted(k for k in da.keys() | db.keys() if k not in NOT_ARCHITECTURE and da.get(k) != db.get(k))
 
 
 def tokenizer_source(model_cfg) -> str | None:
