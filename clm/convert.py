@@ -101,7 +101,7 @@ def hf_to_checkpoint(hf_dir: str, out: str, dtype: str | None = None) -> str:
     from clm import checkpoint, parallel, runtime, storage
     from clm.config import load_config
     from clm.model import weights
-    from clm.model.build import build_model
+    from clm.model.build import build_sharded_model
     from clm.model.config import load_model_config
 
     source = weights.HubCheckpoint(hf_dir, knob="HF_DIR")
@@ -113,9 +113,7 @@ def hf_to_checkpoint(hf_dir: str, out: str, dtype: str | None = None) -> str:
     manager = checkpoint.checkpoint_manager(out)
     if manager.all_steps():
         raise UserError(f"OUT={out}: already holds checkpoint steps {manager.all_steps()}; give a new directory")
-    shape = parallel.mesh_shape(runtime.device_count(), 1, 1, 1)
-    mesh = parallel.build_mesh(shape)
-    model = build_model(cfg, hf_config, lambda m: parallel.shard_parameters(m, mesh, cfg.sharding, shape))
+    model = build_sharded_model(cfg, parallel.mesh_shape(runtime.device_count(), 1, 1, 1), hf_config)
     manager.save(0, {MODEL_KEY: model.state_dict()}, force=True)
     with storage.open(storage.join(out, "0", "config.json"), "w") as f:
         f.write(json.dumps(source.config_fields, indent=2) + "\n")
