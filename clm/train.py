@@ -26,7 +26,6 @@ from clm.errors import EXIT_OK, EXIT_PREEMPTED
 from clm.metrics import MetricsWriter, mfu, reference_flops_per_token, training_flops_per_token
 from clm.model import attention, moe
 from clm.model.build import build_model, load_model_config
-from clm.model.weights import tokenizer_source
 from clm.observe.mlperf import MLPerfLogger
 from clm.observe.recompiles import RecompileWatch
 from clm.observe.wandb_run import WandbRun
@@ -102,7 +101,7 @@ class Trainer:
         self.mlperf.init_start()
         self.resolved_config = redact(OmegaConf.to_container(cfg, resolve=True))  # no secret reaches a file or W&B
 
-        self.tokenizer = data.load_tokenizer(tokenizer_source(cfg.model), cfg.cache_local_dir)
+        self.tokenizer = data.tokenizer_for(cfg)  # None for pre-tokenized data
 
         self.mesh = parallel.build_mesh(mesh_shape)
         # Several hosts each pass their own rows (minibatch); one host passes the whole batch.
@@ -249,7 +248,7 @@ class Trainer:
             ((lm_loss + coef * aux_loss) / accum).backward()
             lm_losses.append(lm_loss.detach())
             aux_losses.append(aux_loss.detach())
-            tokens.append((labels != cfg.pad_token_id).sum())
+            tokens.append((input_ids != cfg.pad_token_id).sum())  # every input (inputs are never pad_token_id)
             if micro_step < accum - 1:
                 # One graph per micro-batch keeps one micro-batch of activations alive.
                 torch_xla.sync()
@@ -329,7 +328,8 @@ class Trainer:
     # --------------------------------------------------------------- helpers
 
     def compute_loss(self, input_ids: torch.Tensor, labels: torch.Tensor):
-        """Next-token loss terms: (sum of token losses, number of scored tokens).
+        """Next-token loss terms: (sum of token losses, number of scored tokens). The labels are
+        already shifted (labels[:, t] is position t's target; clm.data).
 
         Sums rather than a mean, so that eval weights every token of the validation set equally.
         """
@@ -338,10 +338,10 @@ class Trainer:
         logits = self.model(input_ids=input_ids).logits
         xs.mark_sharding(logits, self.mesh, parallel.logits_spec())
         ignore = self.cfg.pad_token_id
-        shift_logits = logits[:, :-1, :].float().reshape(-1, logits.shape[-1])
-        shift_labels = labels[:, 1:].reshape(-1)
-        loss_sum = F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore, reduction="sum")
-        return loss_sum, (shift_labels != ignore).sum()
+        labels = labels.reshape(-1)
+        loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels, ignore_index=ignore,
+                                   reduction="sum")
+        return loss_sum, (labels != ignore).sum()
 
     def to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Host arrays of this process's rows -> one global array sharded on batch."""
