@@ -119,6 +119,21 @@ def glob(pattern: str) -> list[str]:
     return sorted(f"{GCS_PREFIX}{bucket_name}/{n}" for n in names if fnmatch.fnmatchcase(n, name))
 
 
+def read_range(path: str, start: int, length: int) -> bytes:
+    """`length` bytes of a file from byte `start` (fewer at its end): one ranged request on
+    GCS, for random access to large files (clm.data.megatron reads samples this way)."""
+    if length <= 0:
+        return b""
+    if not is_gcs(path):
+        with open(path, "rb") as f:
+            f.seek(start)
+            return f.read(length)
+    bucket_name, name = split_gcs(path)
+    with _gcs_errors(path):
+        blob = _client().bucket(bucket_name).blob(name)
+        return blob.download_as_bytes(start=start, end=start + length - 1, raw_download=True)
+
+
 def size(path: str) -> int:
     if not is_gcs(path):
         try:
