@@ -32,7 +32,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from clm import runtime, storage
-from clm.errors import UserError, run_command
+from clm.cli import run_command
+from clm.errors import UserError
 
 logger = logging.getLogger(__name__)
 

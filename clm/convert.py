@@ -21,7 +21,8 @@ import sys
 import warnings
 
 from clm.checkpoint import DCP_METADATA, filesystem, newest_complete, storage_reader
-from clm.errors import UserError, run_command
+from clm.cli import run_command
+from clm.errors import UserError
 
 MODEL_KEY = "model"  # the state dict entry holding model.state_dict(); other entries are ignored
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig
 
-from clm.errors import UserError, run_command
+from clm.cli import run_command
+from clm.errors import UserError
 from clm.parallel import MeshShape, check_model_fits_mesh, mesh_shape, plan_parameters
 from clm.parallel.sharding import _axes_of
 
