@@ -118,6 +118,7 @@ class Config:
     optimizer: str = MISSING
     prime_optimizer: bool = MISSING
     weight_decay: float = MISSING
+    weight_decay_norms_and_biases: bool = MISSING
     eval_frequency: int = MISSING
     checkpoint_manager_path: Optional[str] = MISSING
     checkpoint_every: int = MISSING
