@@ -39,7 +39,6 @@ WANDB_MODES = ("offline", "online", "disabled")
 @dataclass
 class FsdpConfig:
     fsdp_transformer_layer_cls_to_wrap: list[str] = MISSING
-    min_num_params: int = MISSING
     xla_fsdp_grad_ckpt: bool = MISSING
 
 
