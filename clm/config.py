@@ -40,7 +40,6 @@ WANDB_MODES = ("offline", "online", "disabled")
 @dataclass
 class FsdpConfig:
     fsdp_transformer_layer_cls_to_wrap: list[str] = MISSING
-    min_num_params: int = MISSING
     xla_fsdp_grad_ckpt: bool = MISSING
 
 
@@ -133,6 +132,7 @@ class Config:
     adam_beta1: float = MISSING
     adam_beta2: float = MISSING
     adam_eps: float = MISSING
+    weight_decay_norms_and_biases: bool = MISSING
     eval_frequency: int = MISSING
     eval_samples_interval: Optional[int] = MISSING
     checkpoint_manager_path: Optional[str] = MISSING
