@@ -56,9 +56,8 @@ logger = logging.getLogger(__name__)
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
 HEADER_BYTES = len(INDEX_HEADER) + 8 + 1 + 8 + 8  # header, version, dtype code, sequence and document counts
-# megatron.core.datasets.indexed_dataset.DType
-DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
-               8: np.uint16}
+# megatron.core.datasets.indexed_dataset.DType, its integer codes (token ids)
+DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 8: np.uint16}
 # Tokens of each .bin read by validate_dataset for the vocabulary check, before anything
 # compiles; every batch and the whole eval set are checked again as they are read.
 VOCAB_SCAN_TOKENS = 1 << 22
@@ -107,11 +106,9 @@ class IndexedData:
     @classmethod
     def open(cls, prefix: str, knob: str) -> IndexedData:
         dtype, count, _ = check_pair(prefix, knob)
-        with storage.open(prefix + ".idx", "rb") as f:
-            f.seek(HEADER_BYTES)
-            arrays = f.read(count * 12)
+        arrays = storage.read_range(prefix + ".idx", HEADER_BYTES, count * (4 + 8))
         lengths = np.frombuffer(arrays, dtype=np.int32, count=count)
-        pointers = np.frombuffer(arrays, dtype=np.int64, count=count, offset=count * 4)
+        pointers = np.frombuffer(arrays, dtype=np.int64, count=count, offset=count * 4)  # after the lengths
         return cls(prefix, knob, dtype, lengths, pointers)
 
     def read(self, sequence: int, offset: int, length: int) -> np.ndarray:
