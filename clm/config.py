@@ -88,6 +88,10 @@ class DatasetConfig:
     vocab_size: Optional[int] = None
     eod_id: Optional[int] = None
     eod_mask_loss: bool = False
+    dataloader_type: str = "single"
+    data_sharding: bool = True
+    micro_batch_size: Optional[int] = None
+    data_parallel_size: Optional[int] = None
 
 
 @dataclass

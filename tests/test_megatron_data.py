@@ -84,8 +84,57 @@ def reference(data_dir: Path, seed: int, train_samples: int, valid_samples: int)
     return train, valid
 
 
+def megatron_lm_random_sampler(total_samples, micro_batch_size, data_parallel_rank, data_parallel_size,
+                               data_sharding, consumed_samples=0):
+    """Megatron-LM's MegatronPretrainingRandomSampler.__iter__, line for line (megatron/training/
+    datasets/data_samplers.py: Megatron-LM's training package, which the megatron-core package
+    does not ship): one data-parallel rank's micro-batches of dataset indices, one epoch."""
+    micro_batch_times_data_parallel_size = micro_batch_size * data_parallel_size
+    last_batch_size = total_samples % micro_batch_times_data_parallel_size
+    active_total_samples = total_samples - last_batch_size
+    epoch = consumed_samples // active_total_samples
+    current_epoch_samples = consumed_samples % active_total_samples
+    if data_sharding:
+        bucket_size = (total_samples // micro_batch_times_data_parallel_size) * micro_batch_size
+        bucket_offset = current_epoch_samples // data_parallel_size
+        start_idx = data_parallel_rank * bucket_size
+        g = torch.Generator()
+        g.manual_seed(epoch)
+        random_idx = torch.randperm(bucket_size, generator=g).tolist()
+        idx_range = [start_idx + x for x in random_idx[bucket_offset:]]
+    else:
+        full_bucket_size = (total_samples // micro_batch_size) * micro_batch_size
+        full_bucket_offset = current_epoch_samples
+        g = torch.Generator()
+        g.manual_seed(epoch)
+        idx_range_total = torch.randperm(full_bucket_size, generator=g).tolist()
+        idx_range_active = idx_range_total[full_bucket_offset:]
+        idx_range = idx_range_active[data_parallel_rank::data_parallel_size]
+    batch = []
+    for idx in idx_range:
+        batch.append(idx)
+        if len(batch) == micro_batch_size:
+            yield batch
+            batch = []
+
+
+def reference_order(total_samples: int, count: int, dataloader_type="cyclic", data_sharding=True,
+                    micro_batch_size=2, data_parallel_size=4) -> list[int]:
+    """The first `count` dataset indices Megatron-LM's training reads: micro-step after
+    micro-step, each the data-parallel ranks' micro-batches in rank order."""
+    if dataloader_type == "single":  # MegatronPretrainingSampler: the dataset in order
+        return list(range(count))
+    ranks = [megatron_lm_random_sampler(total_samples, micro_batch_size, r, data_parallel_size, data_sharding)
+             for r in range(data_parallel_size)]
+    order = []
+    while len(order) < count:
+        for rank in ranks:
+            order.extend(next(rank))
+    return order[:count]
+
+
 def overrides(data_dir: Path, **knobs) -> list[str]:
-    values = {"dataset": "c4_llama31", "dataset.train_dataset_path": data_dir / "train",
+    values = {"dataset": "c4_llama31", "dataset.micro_batch_size": 2, "dataset.data_parallel_size": 4, "dataset.train_dataset_path": data_dir / "train",
               "dataset.eval_dataset_path": data_dir / "valid", "dataset.vocab_size": VOCAB, "dataset.eod_id": EOD,
               "max_length": SEQ, "global_train_batch_size": 8,
               "global_eval_batch_size": 8, "max_steps": TRAIN_SAMPLES // 8, "seed": 1234, **knobs}
@@ -120,15 +169,20 @@ def train_samples_ending_in(data_dir: Path, last_epoch_fraction: float) -> int:
     return (before_last + int(last_epoch_fraction * ((tokens - 1) // SEQ))) // 8 * 8
 
 
-@pytest.mark.parametrize("seed, last_epoch_fraction", [(1234, 0.3), (5, 0.95)])
-def test_training_batches_equal_megatron_samples_and_loss_mask(data_dir, seed, last_epoch_fraction):
+@pytest.mark.parametrize("seed, last_epoch_fraction, dataloader_type, data_sharding", [
+    (1234, 0.3, "cyclic", True), (5, 0.95, "cyclic", True), (5, 0.3, "single", True), (7, 0.95, "cyclic", False)])
+def test_training_batches_equal_megatron_samples_and_loss_mask(data_dir, seed, last_epoch_fraction, dataloader_type,
+                                                              data_sharding):
     train_samples = train_samples_ending_in(data_dir, last_epoch_fraction)
     ref_train, _ = reference(data_dir, seed, train_samples, 64)
-    cfg = config(data_dir, seed=seed, max_steps=train_samples // 8, gradient_accumulation_steps=2)
+    cfg = config(data_dir, seed=seed, max_steps=train_samples // 8, gradient_accumulation_steps=2,
+                 **{"dataset.dataloader_type": dataloader_type, "dataset.data_sharding": data_sharding})
     with build_train_stream(cfg, None) as stream:
         assert len(stream.samples) == len(ref_train) and stream.samples.num_epochs == 3
         inputs, labels = read(stream, 100)  # 400 samples
-    ref_inputs, ref_labels = megatron_batch(ref_train, range(400))
+    order = reference_order(len(ref_train), 400, dataloader_type, data_sharding)
+    assert dataloader_type == "single" or sorted(order) != order  # the sampler's own shuffle was exercised
+    ref_inputs, ref_labels = megatron_batch(ref_train, order)
     assert inputs.dtype == labels.dtype == np.int32 and inputs.shape == (400, SEQ)
     assert np.array_equal(inputs, ref_inputs)
     assert np.array_equal(labels, ref_labels)
@@ -196,7 +250,8 @@ def test_dump_cli_writes_megatrons_samples(data_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     dumped = np.load(out)
     ref_train, _ = reference(data_dir, 1234, TRAIN_SAMPLES, 64)
-    expected = np.stack([np.append(ref_train[i]["tokens"].numpy(), ref_train[i]["labels"][-1]) for i in range(300)])
+    expected = np.stack([np.append(ref_train[i]["tokens"].numpy(), ref_train[i]["labels"][-1])
+                         for i in reference_order(len(ref_train), 300)])
     assert dumped.shape == (300, SEQ + 1) and np.array_equal(dumped, expected)
 
 

@@ -29,8 +29,8 @@ from clm.errors import UserError
 def first_samples(cfg, count: int, process_count: int = 1) -> np.ndarray:
     """int64 [count, max_length + 1]: the run's first `count` training samples, in global order."""
     if data.is_pretokenized(cfg.dataset):
-        samples = data.build_train_stream(cfg, None).samples  # one order for any number of hosts
-        return np.stack([samples[row % len(samples)] for row in range(count)])
+        stream = data.build_train_stream(cfg, None)  # one order for any number of hosts
+        return np.stack([stream.samples[stream.dataset_index(position)] for position in range(count)])
     tokenizer = data.tokenizer_for(cfg)
     streams = [data.build_train_stream(cfg, tokenizer, p, process_count) for p in range(process_count)]
     rows = []

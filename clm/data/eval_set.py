@@ -5,7 +5,9 @@ source, the rows of dataset.eval_split) is tokenized without BOS/EOS, concatenat
 order and cut into max_length blocks; the last block is padded. Then fully ignored blocks
 pad the count to a multiple of global_eval_batch_size. Padded positions get the tokenizer's
 EOS id as input (a valid id; the reference fed -100, which works only by accident on TPU)
-and cfg.pad_token_id as label, so they weigh nothing in the token-weighted eval loss.
+and cfg.pad_token_id as label, so they weigh nothing in the token-weighted eval loss. Labels
+are shifted as in training: position t is scored on its block's token t + 1, a block's last
+position on nothing.
 
 Every process tokenizes the whole set: the block boundaries depend on every document
 before them, and the 24,567 validation documents take seconds. Each process keeps only

@@ -20,10 +20,20 @@ in tests/test_megatron_data.py:
 - The sequences concatenated in document-index order form one token stream; sample k (before
   the shuffle) is tokens [k*S, k*S + S + 1) of it, S = max_length: consecutive samples share
   one token, and the last partial sample is dropped.
-- Batch row i of the training run is sample shuffle[i] (the sampler reads the dataset in
-  order): global micro-batch m holds samples m*B .. m*B + B - 1 (B = global batch /
-  gradient_accumulation_steps), and process p of P reads its contiguous 1/P of them, as
-  Megatron's MegatronPretrainingSampler gives data-parallel rank p its slice.
+- The order in which training reads the dataset is Megatron-LM's sampler's
+  (megatron/training/datasets/data_samplers.py), `dataset.dataloader_type`:
+  single   MegatronPretrainingSampler: dataset index i at global position i.
+  cyclic   MegatronPretrainingRandomSampler with `dataset.data_sharding`, the reference's
+           (Primus's pre_trainer.yaml sets dataloader_type: cyclic; data_sharding is true):
+           the dataset's N samples form data_parallel_size buckets of
+           K = N // (micro_batch_size x data_parallel_size) x micro_batch_size; every rank reads
+           its bucket in the order torch.randperm(K) seeded with the sampler epoch (0 until
+           N samples are read), micro_batch_size samples per micro-step. Global position q
+           is micro-step q // (mbs x dp), rank (q // mbs) % dp, its sample q % mbs. The
+           geometry is the reference run's (dataset.micro_batch_size 2, dataset.data_parallel_size
+           8 for gpt-oss-20b on one 8-GPU host), not clm's: it only orders the samples.
+  clm's global micro-batch m (B = global batch / gradient_accumulation_steps samples) holds
+  global positions m*B .. m*B + B - 1, and process p of P reads its contiguous 1/P of them.
 - inputs = sample[:-1], labels = sample[1:]. With eod_mask_loss, a position whose *input* is
   the EOD id is not scored (megatron's `_get_ltor_masks_and_position_ids` masks
   `tokens == eod`, tokens being the inputs): the first token of the next document is never a
@@ -56,12 +66,12 @@ logger = logging.getLogger(__name__)
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
 HEADER_BYTES = len(INDEX_HEADER) + 8 + 1 + 8 + 8  # header, version, dtype code, sequence and document counts
-# megatron.core.datasets.indexed_dataset.DType
-DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
-               8: np.uint16}
+# megatron.core.datasets.indexed_dataset.DType, its integer codes (token ids)
+DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 8: np.uint16}
 # Tokens of each .bin read by validate_dataset for the vocabulary check, before anything
 # compiles; every batch and the whole eval set are checked again as they are read.
 VOCAB_SCAN_TOKENS = 1 << 22
+DATALOADER_TYPES = ("single", "cyclic")
 SEPARATE_FINAL_EPOCH_THRESHOLD = 0.80  # megatron's: a final epoch giving fewer samples is shuffled apart
 STATE_FORMAT = 1
 
@@ -107,11 +117,9 @@ class IndexedData:
     @classmethod
     def open(cls, prefix: str, knob: str) -> IndexedData:
         dtype, count, _ = check_pair(prefix, knob)
-        with storage.open(prefix + ".idx", "rb") as f:
-            f.seek(HEADER_BYTES)
-            arrays = f.read(count * 12)
+        arrays = storage.read_range(prefix + ".idx", HEADER_BYTES, count * (4 + 8))
         lengths = np.frombuffer(arrays, dtype=np.int32, count=count)
-        pointers = np.frombuffer(arrays, dtype=np.int64, count=count, offset=count * 4)
+        pointers = np.frombuffer(arrays, dtype=np.int64, count=count, offset=count * 4)  # after the lengths
         return cls(prefix, knob, dtype, lengths, pointers)
 
     def read(self, sequence: int, offset: int, length: int) -> np.ndarray:
@@ -177,6 +185,14 @@ def validate(cfg) -> None:
     if d.eod_mask_loss and (d.eod_id is None or not 0 <= d.eod_id < d.vocab_size):
         raise UserError(f"dataset.eod_id={d.eod_id}: dataset.eod_mask_loss=true needs the end-of-document id, "
                         f"below dataset.vocab_size={d.vocab_size} (128001, <|end_of_text|>, for Llama 3.1)")
+    if d.dataloader_type not in DATALOADER_TYPES:
+        raise UserError(f"dataset.dataloader_type={d.dataloader_type}: use one of {', '.join(DATALOADER_TYPES)} "
+                        "(Megatron-LM's samplers; the reference's is cyclic)")
+    if d.dataloader_type == "cyclic":
+        for knob in ("micro_batch_size", "data_parallel_size"):
+            if not d[knob] or d[knob] < 1:
+                raise UserError(f"dataset.{knob}={d[knob]}: dataloader_type=cyclic orders the samples by the "
+                                "reference run's micro batch and data-parallel size (2 and 8 for gpt-oss-20b)")
     for split in ("train", "eval"):
         knob = f"dataset.{split}_dataset_path"
         prefix = parse_prefix(d[f"{split}_dataset_path"], knob)
@@ -277,6 +293,7 @@ class MegatronTrainStream:
     def __init__(self, cfg, *, micro_batch_size: int, process_index: int, process_count: int,
                  num_workers: int = 1, prefetch_batches: int = 2):
         d = cfg.dataset
+        self.sampler = Sampler(d.dataloader_type, d.data_sharding, d.micro_batch_size, d.data_parallel_size)
         self.prefix = parse_prefix(d.train_dataset_path, "dataset.train_dataset_path")
         self.max_length = cfg.max_length
         self.seed = cfg.seed
@@ -303,10 +320,14 @@ class MegatronTrainStream:
                         self.max_length + 1, self._samples.num_epochs, self.prefix)
         return self._samples
 
+    def dataset_index(self, position: int) -> int:
+        """The dataset index read at a global position (all processes' rows, in order)."""
+        return self.sampler.index(position, len(self.samples))
+
     def sample_id(self, row: int) -> int:
         """The dataset index of this process's row-th row (counted over its rows)."""
         micro_batch, r = divmod(row, self.local_batch_size)
-        return (micro_batch * self.micro_batch_size + self.process_index * self.local_batch_size + r) % len(self.samples)
+        return self.dataset_index(micro_batch * self.micro_batch_size + self.process_index * self.local_batch_size + r)
 
     def __iter__(self) -> MegatronTrainStream:
         return self
@@ -371,7 +392,52 @@ class MegatronTrainStream:
         self.close()
 
     def _layout(self) -> dict:
-        return {"prefix": self.prefix.rsplit("/", 1)[-1], "seed": self.seed, "max_length": self.max_length}
+        return {"prefix": self.prefix.rsplit("/", 1)[-1], "seed": self.seed, "max_length": self.max_length,
+                "sampler": repr(self.sampler)}
+
+
+class Sampler:
+    """Megatron-LM's training samplers as a map from global position to dataset index (see the
+    module docstring); positions past the sampler's epoch start its next one, as Megatron's
+    cyclic iterator does."""
+
+    def __init__(self, dataloader_type: str, data_sharding: bool, micro_batch_size: int | None,
+                 data_parallel_size: int | None):
+        self.dataloader_type = dataloader_type
+        self.data_sharding = data_sharding
+        self.micro_batch_size = micro_batch_size
+        self.data_parallel_size = data_parallel_size
+        self._permutation: tuple[int, int, np.ndarray] | None = None  # (epoch, size, torch.randperm)
+
+    def __repr__(self) -> str:
+        if self.dataloader_type == "single":
+            return "single"
+        return (f"cyclic(data_sharding={self.data_sharding}, micro_batch_size={self.micro_batch_size}, "
+                f"data_parallel_size={self.data_parallel_size})")
+
+    def index(self, position: int, num_samples: int) -> int:
+        if self.dataloader_type == "single":
+            return position % num_samples
+        mbs, dp = self.micro_batch_size, self.data_parallel_size
+        per_step = mbs * dp
+        active = num_samples - num_samples % per_step  # the last incomplete micro-step is dropped
+        epoch, position = divmod(position, active)
+        step, within = divmod(position, per_step)
+        rank, j = divmod(within, mbs)
+        if self.data_sharding:
+            bucket = num_samples // per_step * mbs
+            return rank * bucket + int(self.permutation(epoch, bucket)[step * mbs + j])
+        # Without sharding: one permutation of every whole micro-batch, dealt to the ranks in turn.
+        return int(self.permutation(epoch, num_samples // mbs * mbs)[step * per_step + j * dp + rank])
+
+    def permutation(self, epoch: int, size: int) -> np.ndarray:
+        if self._permutation is None or self._permutation[:2] != (epoch, size):
+            import torch
+
+            generator = torch.Generator()
+            generator.manual_seed(epoch)
+            self._permutation = (epoch, size, torch.randperm(size, generator=generator).numpy())
+        return self._permutation[2]
 
 
 def build_train_stream(cfg, micro_batch_size: int, process_index: int = 0, process_count: int = 1):
