@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from clm import parallel
 from clm.errors import UserError
-from clm.model import attention, family, init, moe
+from clm.model import attention, family, grouped_matmul, init, moe
 
 logger = logging.getLogger(__name__)
 
@@ -252,7 +252,9 @@ def build_sharded_model(cfg: DictConfig, mesh_shape: parallel.MeshShape, hf_conf
         spec = parallel.expert_activation_spec()
         # Differentiable, so that the constraint holds in the backward pass too.
         routing = moe.Routing(module, cfg.model.capacity_factor,
-                              constrain=lambda tensor: MarkShardingFunction.apply(tensor, mesh, spec))
+                              constrain=lambda tensor: MarkShardingFunction.apply(tensor, mesh, spec),
+                              dropless=grouped_matmul.dropless_experts(module, cfg.model.capacity_factor, mesh,
+                                                                       mesh_shape))
     if cfg.model.fsdp_config.xla_fsdp_grad_ckpt:
         enable_activation_checkpointing(module, routing)
     rate = cfg.model.router_bias_update_rate if cfg.model.router_bias_update else None

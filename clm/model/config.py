@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from transformers import PretrainedConfig
 
 from clm.errors import UserError
+from clm.model import mlperf_gpt_oss  # noqa: F401  (registers model_type mlperf_gpt_oss with transformers)
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 # Fields of config.json that say nothing about the architecture.
@@ -74,10 +75,7 @@ def config_from_fields(fields: dict, knob: str) -> PretrainedConfig:
       masked-LM classes.
     """
     from transformers import CONFIG_MAPPING
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
     model_type = fields.get("model_type")
     architecture = ", ".join(fields.get("architectures") or []) or model_type
@@ -99,7 +97,8 @@ def config_from_fields(fields: dict, knob: str) -> PretrainedConfig:
     only_masked_lm = bool(fields.get("architectures")) and all(
         a in masked_lm_classes or a.endswith("ForMaskedLM") for a in fields["architectures"])
     encoder_type = model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(hf_config, "is_decoder", False)
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or encoder_type or only_masked_lm:
+    # (the mapping, not its names: it holds the models registered through AutoModelForCausalLM.register too)
+    if type(hf_config) not in MODEL_FOR_CAUSAL_LM_MAPPING or encoder_type or only_masked_lm:
         kind = "an encoder" if encoder_type or only_masked_lm else "not a causal language model in transformers"
         raise UserError(f"{knob}: {architecture} is {kind}; clm trains decoder-only causal LMs "
                         "(e.g. mixtral, qwen3_moe, deepseek_v3, gpt_oss, llama, gpt2)")

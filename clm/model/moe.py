@@ -28,7 +28,8 @@ the same for every family:
   and overwrites only tokens with a kept choice, as Switch Transformers' implementation does.
   Where a family adds a shared expert (Qwen2-MoE, DeepSeek), it is added as the family does.
 - `cf <= 0` is dropless and equals HF's stock experts: on TPU through the Pallas grouped
-  matmul, elsewhere through the same static-shape code with C = S (no queue can be longer).
+  matmul on the model's mesh (clm.model.grouped_matmul), elsewhere through the same
+  static-shape code with C = S (no queue can be longer).
 
 Everything has static shapes and no host syncs, so routing that changes from step to step
 never recompiles. Memory is O(tokens*K*H + E*C*H): the dispatch is an index gather into a
@@ -49,8 +50,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers.integrations.moe import ExpertsInterface
-
-from clm.runtime import on_tpu
 
 EXPERTS_IMPLEMENTATION = "clm_capacity"
 # DeepSeek-V3's aux-loss-free balancing bias on its router (also GLM-4-MoE, dots1, ...).
@@ -87,6 +86,9 @@ class MoELayer:
     constrain: Callable[[torch.Tensor], torch.Tensor] | None  # for the [B, E, C, *] buffers
     router_logits_index: int  # where the router's output holds the logits
     correction_bias: torch.Tensor | None  # the router's e_score_correction_bias, if it has one
+    # Dropless (cf <= 0) through a grouped matmul on the model's mesh (clm.model.grouped_matmul);
+    # None: the static path with C = S.
+    dropless: Callable | None = None
     # Of the last forward:
     sequence_length: int | None = None
     router_logits: torch.Tensor | None = None  # [B*S, E]
@@ -133,10 +135,8 @@ def capacity_experts_forward(
     load = moe_layer.expert_load = routed.sum(dim=1)  # [B, E]
     capacity = moe_layer.capacity = expert_capacity(sequence_length, top_k, num_experts, moe_layer.capacity_factor)
 
-    if moe_layer.capacity_factor <= 0 and on_tpu(hidden_states) and _fits_gmm_tiles(self, num_tokens * top_k):
-        from torch_xla.experimental.custom_kernel import GMM
-
-        return dropless_grouped_forward(self, hidden_states, top_k_index, top_k_weights, GMM.apply)
+    if moe_layer.capacity_factor <= 0 and moe_layer.dropless is not None:
+        return moe_layer.dropless(self, hidden_states, top_k_index, top_k_weights)  # clm.model.grouped_matmul
 
     # Place of each assignment in its expert's queue: earlier assignments to the same expert.
     queue_position = routed.cumsum(dim=1).gather(2, expert_index.unsqueeze(-1)).squeeze(-1) - 1
@@ -173,13 +173,13 @@ def capacity_experts_forward(
     return torch.where(any_kept, output, hidden_states)
 
 
-def _up_weights(experts: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+def up_weights(experts: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The first projection and its bias: fused gate/up, or up alone (has_gate false)."""
     name = "gate_up_proj" if experts.has_gate else "up_proj"
     return getattr(experts, name), getattr(experts, f"{name}_bias") if experts.has_bias else None
 
 
-def _activate(experts: torch.nn.Module, projected: torch.Tensor) -> torch.Tensor:
+def activate(experts: torch.nn.Module, projected: torch.Tensor) -> torch.Tensor:
     return experts._apply_gate(projected) if experts.has_gate else experts.act_fn(projected)
 
 
@@ -191,12 +191,12 @@ def expert_mlp(experts: torch.nn.Module, dispatched: torch.Tensor,
     tokens, the activated hidden states and the expert outputs.
     """
     constrain = constrain or (lambda tensor: tensor)
-    up, up_bias = _up_weights(experts)
+    up, up_bias = up_weights(experts)
     # Weights are [E, out, in], or [E, in, out] when transposed (gpt-oss).
     projected = torch.einsum("bech,ehi->beci" if experts.is_transposed else "bech,eih->beci", constrain(dispatched), up)
     if up_bias is not None:
         projected = projected + up_bias[None, :, None, :]
-    activated = constrain(_activate(experts, projected))
+    activated = constrain(activate(experts, projected))
     output = torch.einsum("beci,eih->bech" if experts.is_transposed else "beci,ehi->bech", activated, experts.down_proj)
     if experts.has_bias:
         output = output + experts.down_proj_bias[None, :, None, :]
@@ -213,49 +213,6 @@ def _gather_rows(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     while advanced indexing makes it all-gather the source over the batch shards.
     """
     return source.gather(1, index.unsqueeze(-1).expand(-1, -1, source.shape[-1]))
-
-
-def dropless_grouped_forward(
-    self: torch.nn.Module,
-    hidden_states: torch.Tensor,
-    top_k_index: torch.Tensor,
-    top_k_weights: torch.Tensor,
-    grouped_matmul: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-) -> torch.Tensor:
-    """Dropless experts with a grouped matmul `grouped_matmul(lhs [m, k], rhs [G, k, n], sizes [G])`.
-
-    On TPU that is torch_xla's Pallas gmm (megablox). Assignments are sorted by expert (stable,
-    so each expert sees its tokens in order), multiplied group by group, then unsorted.
-    Under SPMD the Pallas call needs a manual-sharding region around it (see torchprime's Gmm).
-    """
-    num_tokens, hidden_dim = hidden_states.shape
-    top_k = top_k_index.shape[-1]
-    up, up_bias = _up_weights(self)
-    expert_index = top_k_index.reshape(-1)
-    order = torch.argsort(expert_index, stable=True)
-    sorted_experts = expert_index[order]
-    group_sizes = F.one_hot(expert_index, up.shape[0]).sum(dim=0).to(torch.int32)
-    sorted_tokens = hidden_states[order // top_k]
-
-    def project(inputs, weight, bias):  # rows sorted by expert; weight [E, out, in] or transposed
-        output = grouped_matmul(inputs, weight if self.is_transposed else weight.transpose(1, 2), group_sizes)
-        return output if bias is None else output + bias[sorted_experts]
-
-    activated = _activate(self, project(sorted_tokens, up, up_bias))
-    sorted_output = project(activated, self.down_proj, self.down_proj_bias if self.has_bias else None)
-    if self.has_post_expert_norm:
-        sorted_output = self.post_expert_norm(sorted_output)
-    output = torch.empty_like(sorted_output).index_copy(0, order, sorted_output)
-    weighted = output.view(num_tokens, top_k, hidden_dim) * top_k_weights.unsqueeze(-1)
-    return weighted.sum(dim=1).to(hidden_states.dtype)
-
-
-def _fits_gmm_tiles(experts: torch.nn.Module, num_assignments: int) -> bool:
-    # torch_xla's GMM tiles every dimension by 512 and needs the tiles to divide them;
-    # true for Mixtral-8x7B/8x22B, not for debug-size models (they take the static path).
-    tile = 512
-    up, _ = _up_weights(experts)
-    return all(dim % tile == 0 for dim in (*experts.down_proj.shape[1:], up.shape[1], num_assignments))
 
 
 # --------------------------------------------------------------- one model's routing
@@ -292,7 +249,7 @@ class Routing:
     """
 
     def __init__(self, model: torch.nn.Module, capacity_factor: float,
-                 constrain: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 constrain: Callable[[torch.Tensor], torch.Tensor] | None = None, dropless: Callable | None = None):
         self.layers: list[MoELayer] = []
         modules = dict(model.named_modules())
         for name, experts in modules.items():
@@ -303,9 +260,9 @@ class Routing:
             block = modules[block_name]
             router = next((m for m in block.children() if router_class and isinstance(m, router_class)), None)
             layer = MoELayer(
-                name=block_name, layer=_decoder_layer(block_name), num_experts=_up_weights(experts)[0].shape[0],
+                name=block_name, layer=_decoder_layer(block_name), num_experts=up_weights(experts)[0].shape[0],
                 capacity_factor=float(capacity_factor), constrain=constrain, router_logits_index=logits_index,
-                correction_bias=getattr(router, CORRECTION_BIAS, None),
+                correction_bias=getattr(router, CORRECTION_BIAS, None), dropless=dropless,
             )
             block.register_forward_pre_hook(layer.record_sequence_length, with_kwargs=True)
             experts.register_forward_pre_hook(layer.pass_to_experts, with_kwargs=True)
