@@ -250,9 +250,15 @@ def build_sharded_model(cfg: DictConfig, mesh_shape: parallel.MeshShape, hf_conf
         from torch_xla.distributed.spmd.xla_sharding import MarkShardingFunction
 
         spec = parallel.expert_activation_spec()
-        # Differentiable, so that the constraint holds in the backward pass too.
-        routing = moe.Routing(module, cfg.model.capacity_factor,
-                              constrain=lambda tensor: MarkShardingFunction.apply(tensor, mesh, spec))
+        batch_shards = mesh_shape.dcn * mesh_shape.fsdp
+
+        def constrain(tensor):
+            # Differentiable, so that the constraint holds in the backward pass too. A batch
+            # the mesh cannot split evenly (never the trainer's) is left to XLA: an uneven
+            # split of these buffers trips an assertion in XLA's SPMD partitioner.
+            return MarkShardingFunction.apply(tensor, mesh, spec) if tensor.shape[0] % batch_shards == 0 else tensor
+
+        routing = moe.Routing(module, cfg.model.capacity_factor, constrain=constrain)
     if cfg.model.fsdp_config.xla_fsdp_grad_ckpt:
         enable_activation_checkpointing(module, routing)
     rate = cfg.model.router_bias_update_rate if cfg.model.router_bias_update else None
