@@ -224,15 +224,12 @@ def _build(overrides: list[str]):
     from clm import checkpoint, parallel, runtime
     from clm.config import load_config
     from clm.model import init
-    from clm.model.build import build_model
-    from clm.model.config import load_model_config
+    from clm.model.build import build_sharded_model
 
     cfg = load_config(overrides, num_devices=runtime.device_count)
     runtime.setup(None, cfg.full_precision)
-    hf_config = load_model_config(cfg)
     shape = parallel.mesh_shape(runtime.device_count(), cfg.tensor_parallelism, cfg.expert_parallelism, 1)
-    mesh = parallel.build_mesh(shape)
-    model = build_model(cfg, hf_config, lambda m: parallel.shard_parameters(m, mesh, cfg.sharding, shape))
+    model = build_sharded_model(cfg, shape).module
     if cfg.checkpoint_manager_path:
         checkpoint.restore_model_weights(model, cfg.checkpoint_manager_path)
     return cfg, model, {"init_parameters": init.initialized["parameters"]}
