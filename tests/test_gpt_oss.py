@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch_xla
 
 from clm.config import load_config
 from clm.model.config import load_model_config
@@ -85,6 +86,31 @@ def test_init_scales_the_output_projections_as_megatron():
         assert std == pytest.approx(expected, rel=0.05), name
 
 
+def test_step0_equals_transformers_with_the_sliding_window_in_force():
+    """clm's build of the family (mesh, sharding table, dropless experts, the attention it picks
+    for a window shorter than the sequence) against transformers' own forward of the same weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from clm import parallel, runtime
+    from clm.model.build import build_sharded_model
+
+    runtime.setup(None, False)
+    fields = dict(vocab_size=512, hidden_size=32, intermediate_size=24, moe_intermediate_size=24, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=8, num_experts_per_tok=4,
+                  sliding_window=5, layer_types=["sliding_attention", "full_attention"], router_aux_loss_coef=0.0)
+    cfg = load_config(["model.capacity_factor=0", "max_length=16", "global_train_batch_size=8"], num_devices=8)
+    model = build_sharded_model(cfg, parallel.mesh_shape(8, 1, 2, 1), AutoConfig.for_model("mlperf_gpt_oss", **fields))
+    assert model.attention.implementation == "sdpa"  # a window of 5 < 16: the flash kernel has none
+    input_ids = torch.randint(0, 512, (8, 16), generator=torch.Generator().manual_seed(0))
+    logits = model(input_ids.to(torch_xla.device())).cpu()
+
+    reference = AutoModelForCausalLM.from_config(AutoConfig.for_model("mlperf_gpt_oss", **fields)).eval()
+    reference.load_state_dict({name: p.detach().cpu() for name, p in model.named_parameters()})
+    with torch.no_grad():
+        expected = reference(input_ids=input_ids).logits
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=2e-5)
+
+
 def flat(cfg) -> dict:
     from omegaconf import OmegaConf
 
@@ -148,7 +174,7 @@ def test_tiny_run_on_indexed_data_writes_a_log_the_official_checker_passes_but_f
     from clm.train import train
 
     write_indexed(str(tmp_path / "train"), 300, seed=0)
-    write_indexed(str(tmp_path / "valid"), 30, seed=1)
+    write_indexed(str(tmp_path / "valid"), 12, seed=1)
     # The preset but smaller: 4 steps of 8 sequences of 32 tokens, an eval every 2 steps.
     cfg = load_config(["+experiment=gpt_oss_20b_tiny", f"dataset.train_dataset_path={tmp_path / 'train'}",
                        f"dataset.eval_dataset_path={tmp_path / 'valid'}", f"output_dir={tmp_path}", "max_length=32",
