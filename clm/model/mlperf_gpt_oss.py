@@ -39,7 +39,7 @@ override; "Megatron" = Megatron-LM's default where no file sets the key):
 | (no shared expert) | | moe_shared_expert_intermediate_size null (M; P sets 2880) |
 | hidden_act | silu (SwiGLU) | swiglu true (llama_base), activation_func swiglu (M) |
 | attention_bias | false | add_bias_linear false, add_qkv_bias false (llama_base, language_model) |
-| rms_norm_eps | 1e-6 | norm_epsilon 1.0e-6 (M, deepseek_v2_base); normalization RMSNorm (llama_base) |
+| rms_norm_eps | 1e-6 | norm_epsilon 1.0e-6 (M, deepseek_v2_base); normalization RMSNorm (llama_base); M's layernorm_epsilon 1e-05 is no key of the RCP logs' Megatron-LM (README) |
 | (q_norm, k_norm) | RMSNorm over head_dim | qk_layernorm true (deepseek_v2_base) |
 | tie_word_embeddings | false | untie_embeddings_and_output_weights true (llama_base) |
 | rope_parameters | default RoPE, theta 150000, both layer types | position_embedding_type rope, rotary_base 150000 (M); no scaling: use_rope_scaling false (language_model), rotary_scaling_factor/mscale are MLA/YaRN-only |
