@@ -137,10 +137,9 @@ def read_range(path: str, start: int, length: int) -> bytes:
         with open(path, "rb") as f:
             f.seek(start)
             return f.read(length)
-    bucket_name, name = split_gcs(path)
+    fs, raw = filesystem(path)
     with _gcs_errors(path):
-        blob = _client().bucket(bucket_name).blob(name)
-        return blob.download_as_bytes(start=start, end=start + length - 1, raw_download=True)
+        return fs.cat_file(raw, start=start, end=start + length)
 
 
 def size(path: str) -> int:
