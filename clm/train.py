@@ -235,7 +235,9 @@ class Trainer:
             (terms.loss / accum).backward()
             lm_losses.append(terms.lm_loss.detach())
             aux_losses.append(terms.aux_loss.detach())
-            tokens.append((labels != cfg.pad_token_id).sum())
+            # Every input token (inputs are never pad_token_id); labels are shifted, so each
+            # row's last position is unscored and counting labels would miss it.
+            tokens.append((input_ids != cfg.pad_token_id).sum())
             if micro_step < accum - 1:
                 # One graph per micro-batch keeps one micro-batch of activations alive.
                 torch_xla.sync()
