@@ -111,6 +111,29 @@ def test_step0_equals_transformers_with_the_sliding_window_in_force():
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=2e-5)
 
 
+def test_checkpoints_keep_mellums_hub_layout(tmp_path):
+    """save_pretrained writes Mellum's per-expert tensors; the directory loads back as
+    mlperf_gpt_oss, and as transformers' own Mellum once config.json says model_type mellum."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("mlperf_gpt_oss", vocab_size=128, hidden_size=32, intermediate_size=24,
+                                  moe_intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                                  layer_types=["sliding_attention", "full_attention"])
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert "model.layers.0.mlp.experts.3.gate_proj.weight" in f.keys()
+    fields = json.loads((tmp_path / "config.json").read_text())
+    for model_type, architecture in (("mlperf_gpt_oss", "MlperfGptOssForCausalLM"), ("mellum", "MellumForCausalLM")):
+        (tmp_path / "config.json").write_text(json.dumps({**fields, "model_type": model_type}))
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+        assert type(loaded).__name__ == architecture
+        for (name, tensor), expected in zip(loaded.state_dict().items(), model.state_dict().values()):
+            assert torch.equal(tensor, expected), name
+
+
 def flat(cfg) -> dict:
     from omegaconf import OmegaConf
 
