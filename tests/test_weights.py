@@ -172,10 +172,11 @@ def test_missing_and_extra_keys(tmp_path, hub_dir):
         [f"model.name_or_path={hub}"])
 
 
-def test_non_mixtral_config_and_missing_directory_and_hub_names(tmp_path, hub_dir):
+def test_weights_of_another_family_and_missing_directory_and_hub_names(tmp_path, hub_dir):
     hub = _copy(hub_dir, tmp_path)
-    (hub / "config.json").write_text(json.dumps(TINY | {"model_type": "llama"}))
-    assert "model_type 'llama'" in _config_error([f"model.name_or_path={hub}"])
+    (hub / "config.json").write_text(json.dumps(TINY | {"model_type": "llama"}))  # a Llama has a dense MLP
+    message = _config_error([f"model.name_or_path={hub}"])
+    assert "missing tensors model.layers.0.mlp.down_proj.weight" in message and "of 21 this config needs" in message
     assert "no such directory" in _config_error([f"model.name_or_path={tmp_path / 'nope'}"])
     message = _config_error(["model.name_or_path=mistralai/Mixtral-8x22B-v0.1"])
     assert "no network" in message and "hf download mistralai/Mixtral-8x22B-v0.1 --local-dir DIR" in message
