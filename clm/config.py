@@ -51,6 +51,8 @@ class ModelConfig:
     dtype: str = MISSING
     flash_attention: bool = MISSING
     capacity_factor: float = MISSING
+    router_bias_update: bool = MISSING
+    router_bias_update_rate: float = MISSING
     max_sequence_length: int = MISSING
     fsdp_config: FsdpConfig = field(default_factory=FsdpConfig)
 

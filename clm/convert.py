@@ -112,7 +112,7 @@ def hf_to_checkpoint(hf_dir: str, out: str, dtype: str | None = None) -> str:
     from clm import checkpoint, parallel, runtime, storage
     from clm.config import load_config
     from clm.model import weights
-    from clm.model.build import build_model
+    from clm.model.build import build_sharded_model
     from clm.model.config import load_model_config
 
     source = weights.HubCheckpoint(hf_dir, knob="HF_DIR")
@@ -124,13 +124,11 @@ def hf_to_checkpoint(hf_dir: str, out: str, dtype: str | None = None) -> str:
     manager = checkpoint.checkpoint_manager(out)
     if manager.all_steps():
         raise UserError(f"OUT={out}: already holds checkpoint steps {manager.all_steps()}; give a new directory")
-    shape = parallel.mesh_shape(runtime.device_count(), 1, 1, 1)
-    mesh = parallel.build_mesh(shape)
-    model = build_model(cfg, hf_config, lambda m: parallel.shard_parameters(m, mesh, cfg.sharding, shape))
+    model = build_sharded_model(cfg, parallel.mesh_shape(runtime.device_count(), 1, 1, 1), hf_config)
     # The trainer's sharded save of the model (its tensors as they live on the devices, each
     # host writing its own shards), synchronous: shard by shard, so the host holds about one
     # tensor's shards at a time, where the asynchronous save first copies every shard to host.
-    manager.save(0, {MODEL_KEY: checkpoint.model_state(model)}, force=True)
+    manager.save(0, {MODEL_KEY: checkpoint.model_state(model.module)}, force=True)
     with storage.open(storage.join(out, "0", "config.json"), "w") as f:
         f.write(json.dumps(source.config_fields, indent=2) + "\n")
     return storage.join(out, "0")

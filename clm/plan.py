@@ -20,8 +20,8 @@ import torch
 from omegaconf import DictConfig
 
 from clm.errors import UserError, run_command
-from clm.parallel import MeshShape, check_model_fits_mesh, mesh_shape, plan_parameters
-from clm.parallel.sharding import _axes_of
+from clm.parallel import MeshShape, check_model_fits_mesh, mesh_shape, plan_parameters, sharding_rules
+from clm.parallel.mesh import axes_of
 
 GB = 1e9
 # HBM per chip (GB) and TensorCores per chip: a v4/v5p topology name counts TensorCores
@@ -135,7 +135,7 @@ def memory_plan(cfg: DictConfig, hf_config, mesh: MeshShape) -> MemoryPlan:
     with torch.device("meta"):
         model = MixtralForCausalLM(hf_config)
     shapes = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
-    plan = plan_parameters(shapes, cfg.sharding, mesh)
+    plan = plan_parameters(shapes, sharding_rules(cfg.sharding, hf_config.model_type), mesh)
     b = torch.tensor([], dtype=getattr(torch, cfg.model.dtype)).element_size()
     param_bytes = sum(math.prod(e.local_shape) for e in plan) * b
     activations = activation_bytes(cfg, hf_config, mesh)
@@ -224,7 +224,7 @@ def gathered_layer_parameters(memory: MemoryPlan) -> float:
         match = re.match(r"model\.layers\.(\d+)\.", entry.name)
         if match:
             split = math.prod(
-                memory.mesh.sizes[a] for spec in entry.spec for a in _axes_of(spec) if a in ("tensor", "expert"))
+                memory.mesh.sizes[a] for spec in entry.spec for a in axes_of(spec) if a in ("tensor", "expert"))
             layers[match.group(1)] += math.prod(entry.shape) / split
     return max(layers.values(), default=0.0)
 

@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -24,8 +23,7 @@ from clm import checkpoint, data, parallel, plan, runtime, storage
 from clm.checkpoint import Checkpointer, RNGState
 from clm.errors import EXIT_OK, EXIT_PREEMPTED
 from clm.metrics import MetricsWriter, mfu, reference_flops_per_token, training_flops_per_token
-from clm.model import attention, moe
-from clm.model.build import build_model
+from clm.model.build import build_sharded_model, check_model
 from clm.model.config import load_model_config
 from clm.model.weights import tokenizer_source
 from clm.observe.mlperf import MLPerfLogger
@@ -91,7 +89,6 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig, hf_config, mesh_shape: parallel.MeshShape, resume_from: str | None = None):
         import torch_xla.distributed.spmd as xs
-        from torch_xla.distributed.spmd.xla_sharding import MarkShardingFunction
 
         runtime.setup(cfg.local_compile_cache_dir, cfg.full_precision)
         self.cfg = cfg
@@ -105,19 +102,13 @@ class Trainer:
 
         self.tokenizer = data.load_tokenizer(tokenizer_source(cfg.model), cfg.cache_local_dir)
 
-        self.mesh = parallel.build_mesh(mesh_shape)
+        self.model = build_sharded_model(cfg, mesh_shape, hf_config)
+        self.mesh = self.model.mesh
         # Several hosts each pass their own rows (minibatch); one host passes the whole batch.
         self.input_sharding = xs.ShardingSpec(self.mesh, parallel.batch_spec(), minibatch=runtime.process_count() > 1)
-        # Constraints inside the model: MoE buffers split by expert (all-to-all under expert
-        # parallelism), attention heads by tensor for the flash kernel.
-        moe.set_expert_activation_sharding(
-            lambda t: MarkShardingFunction.apply(t, self.mesh, parallel.expert_activation_spec()))
-        attention.set_partitioning(self.mesh, (parallel.DATA_AXES, "tensor", None, None))
-        self.model = build_model(
-            cfg, hf_config, lambda m: parallel.shard_parameters(m, self.mesh, cfg.sharding, mesh_shape))
         if cfg.checkpoint_manager_path and not resume_from:
-            checkpoint.restore_model_weights(self.model, cfg.checkpoint_manager_path)
-        self.optimizer = build_optimizer(cfg, self.model)
+            checkpoint.restore_model_weights(self.model.module, cfg.checkpoint_manager_path)
+        self.optimizer = build_optimizer(cfg, self.model.module)
         # A checkpoint loads into existing optimizer state, so a resumed run primes too;
         # the restore then overwrites what priming did.
         if cfg.prime_optimizer or resume_from:
@@ -134,7 +125,7 @@ class Trainer:
                                          warmup={"train": WARMUP_STEPS, "eval": 1}, enabled=self.is_main)
         self.mlperf.run_config(
             cfg, optimizer_defaults=self.optimizer.defaults, warmup_steps=warmup_steps(cfg.sched),
-            eval_samples=self.eval_set.num_blocks, aux_loss_coef=hf_config.router_aux_loss_coef,
+            eval_samples=self.eval_set.num_blocks, aux_loss_coef=getattr(hf_config, "router_aux_loss_coef", 0.0),
             platform=f"{runtime.device_kind()}-{self.num_devices}")
         num_params = sum(p.numel() for p in self.model.parameters())
         self.flops_per_token = training_flops_per_token(self.hf_config, cfg.max_length)
@@ -142,7 +133,7 @@ class Trainer:
         self.device_kind = runtime.device_kind()
         self.summary = Summary(tokens_per_step=cfg.global_train_batch_size * cfg.max_length)
         self.loop = LoopState()
-        self.checkpointer = Checkpointer(cfg, self.model, self.optimizer, process_index=runtime.process_index(), host_state={
+        self.checkpointer = Checkpointer(cfg, self.model.module, self.optimizer, process_index=runtime.process_index(), host_state={
             "loop": self.loop, "scheduler": self.scheduler, "data": self.train_batches, "rng": RNGState(),
             "metrics": self.metrics, "mlperf": self.mlperf, "wandb": self.wandb, "recompiles": self.recompiles,
         })
@@ -238,19 +229,14 @@ class Trainer:
         cfg = self.cfg
         self.model.train()
         accum = cfg.gradient_accumulation_steps
-        coef = self.hf_config.router_aux_loss_coef
         lm_losses, aux_losses, tokens = [], [], []
         for micro_step in range(accum):
             input_ids, labels = self.to_device(next(self.train_batches))
-            loss_sum, num_scored = self.compute_loss(input_ids, labels)
-            lm_loss = loss_sum / num_scored
-            aux_loss = moe.load_balancing_loss(
-                moe.router_logits(self.model), self.hf_config.num_local_experts, self.hf_config.num_experts_per_tok
-            )
-            ((lm_loss + coef * aux_loss) / accum).backward()
-            lm_losses.append(lm_loss.detach())
-            aux_losses.append(aux_loss.detach())
-            tokens.append((labels != cfg.pad_token_id).sum())
+            terms = self.model.loss_terms(input_ids, labels, cfg.pad_token_id)
+            (terms.loss / accum).backward()
+            lm_losses.append(terms.lm_loss.detach())
+            aux_losses.append(terms.aux_loss.detach())
+            tokens.append(terms.num_scored)
             if micro_step < accum - 1:
                 # One graph per micro-batch keeps one micro-batch of activations alive.
                 torch_xla.sync()
@@ -258,6 +244,7 @@ class Trainer:
         grad_norm = clip_grad_norm(self.model, cfg.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
+        self.model.update_router_bias()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.loop.step += 1
@@ -268,12 +255,12 @@ class Trainer:
         lm_loss = torch.stack(lm_losses).mean()
         aux_loss = torch.stack(aux_losses).mean()
         device_values = {
-            "train/loss": lm_loss + coef * aux_loss,
+            "train/loss": lm_loss + terms.aux_loss_coef * aux_loss,
             "train/lm_loss": lm_loss,
             "train/aux_loss": aux_loss,
             "train/grad_norm": grad_norm,
             "train/num_tokens": torch.stack(tokens).sum(),  # float32 below: exact up to 2^24 tokens a step
-            **moe.router_metrics(self.model),
+            **terms.router_metrics,  # of the last micro-batch
         }
         step_values = torch.stack([value.float() for value in device_values.values()])
         if step % cfg.log_frequency == 0 or step == cfg.max_steps:
@@ -302,9 +289,9 @@ class Trainer:
         with torch.no_grad():
             for batch in self.eval_set.batches():
                 input_ids, labels = self.to_device(batch)
-                loss_sum, num_scored = self.compute_loss(input_ids, labels)
-                loss_sums.append(loss_sum)
-                counts.append(num_scored)
+                terms = self.model.loss_terms(input_ids, labels, self.cfg.pad_token_id)
+                loss_sums.append(terms.loss_sum)
+                counts.append(terms.num_scored)
                 torch_xla.sync()
         eval_loss = (torch.stack(loss_sums).sum() / torch.stack(counts).sum()).item()
         self.model.train()
@@ -328,21 +315,6 @@ class Trainer:
         self._last_log = (loop.step, time.perf_counter())
 
     # --------------------------------------------------------------- helpers
-
-    def compute_loss(self, input_ids: torch.Tensor, labels: torch.Tensor):
-        """Next-token loss terms: (sum of token losses, number of scored tokens).
-
-        Sums rather than a mean, so that eval weights every token of the validation set equally.
-        """
-        import torch_xla.distributed.spmd as xs
-
-        logits = self.model(input_ids=input_ids).logits
-        xs.mark_sharding(logits, self.mesh, parallel.logits_spec())
-        ignore = self.cfg.pad_token_id
-        shift_logits = logits[:, :-1, :].float().reshape(-1, logits.shape[-1])
-        shift_labels = labels[:, 1:].reshape(-1)
-        loss_sum = F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore, reduction="sum")
-        return loss_sum, (shift_labels != ignore).sum()
 
     def to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Host arrays of this process's rows -> one global array sharded on batch."""
@@ -427,7 +399,7 @@ def train(cfg: DictConfig) -> Summary:
     hf_config = load_model_config(cfg)
     slices = parallel.runtime_num_slices() if cfg.num_slices == -1 else cfg.num_slices
     mesh_shape = parallel.mesh_shape(num_devices, cfg.tensor_parallelism, cfg.expert_parallelism, slices)
-    parallel.check_model_fits_mesh(mesh_shape, hf_config)
+    check_model(cfg, hf_config, mesh_shape)
     parallel.check_multihost_input(mesh_shape)
     plan.preflight(cfg, hf_config, mesh_shape, runtime.device_type(), runtime.device_kind())
     # Last, since they create the directories when they can.

@@ -28,16 +28,3 @@ import torch_xla.runtime  # noqa: E402
 torch_xla.runtime.global_runtime_device_count()
 torch_xla.runtime.use_spmd()
 
-
-import pytest  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def no_constraints_left_by_an_earlier_trainer():
-    """A Trainer installs its mesh's activation constraints module-wide (clm.model.moe and
-    attention); a test that builds a bare model must not inherit another test's mesh."""
-    from clm.model import attention, moe
-
-    moe.set_expert_activation_sharding(None)
-    attention.set_partitioning(None, None)
-    yield

@@ -1,86 +1,326 @@
-"""Build transformers' MixtralForCausalLM for XLA: config, MoE implementation, sharded weights (pretrained or random)."""
+"""Build any transformers decoder-only causal LM for a mesh: `build_sharded_model` -> ShardedModel.
+
+The one way to build a sharded model (trainer, convert, benchmarks, tests). The model is
+transformers' own `AutoModelForCausalLM` class, created on the meta device and moved to XLA
+empty; every parameter (and persistent buffer) is annotated with its sharding from the
+family's rule table (clm/conf/sharding), then filled one at a time, each device receiving
+only its slice, so a full-size model never exists on one host: pretrained weights when
+model.name_or_path is set, else transformers' random init (clm.model.init). Never both.
+
+What the model needs for its mesh belongs to the ShardedModel, not to transformers' modules
+or config, and not to module globals: the MoE settings and routing records (clm.model.moe.
+Routing: capacity factor, the [B, E, C, *] buffers' sharding), the flash kernel's q/k/v
+partition spec (passed down with the forward's keyword arguments), the logits' sharding.
+transformers' extension points do the rest: the experts and attention interfaces (one
+registered function each) and its gradient-checkpointing hook for activation checkpointing.
+"""
 
 from __future__ import annotations
 
+import copy
+import logging
+import re
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
 from types import MethodType
 
 import torch
-from omegaconf import DictConfig
-from transformers import MixtralConfig, MixtralForCausalLM
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
 
+from clm import parallel
 from clm.errors import UserError
-from clm.model import attention, init, moe, weights
+from clm.model import attention, family, init, moe
 
-def build_model(cfg: DictConfig, hf_config: MixtralConfig, place_parameters) -> MixtralForCausalLM:
-    """The model, sharded on the XLA devices and ready to train: pretrained weights when
-    model.name_or_path is set, else the random init. Never both.
+logger = logging.getLogger(__name__)
 
-    Created on the meta device; `place_parameters(model)` annotates every parameter's sharding
-    and returns their placements; then each parameter is filled one at a time, every device
-    receiving only its slice, so a full-size model never exists on one host.
+MODEL_DEFAULTS = Path(__file__).resolve().parents[1] / "conf" / "model" / "blank_model.yaml"
+
+
+@dataclass
+class LossTerms:
+    """What one forward gives the trainer, as device tensors."""
+
+    loss_sum: torch.Tensor  # next-token cross-entropy summed over the scored labels
+    num_scored: torch.Tensor  # labels that are not ignored
+    aux_loss: torch.Tensor  # the family's load-balancing loss, unweighted (0 where it has none)
+    aux_loss_coef: float  # its weight in the training loss (the family's router_aux_loss_coef; 0 if none)
+    router_metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # MoE models, in training
+
+    @property
+    def lm_loss(self) -> torch.Tensor:
+        return self.loss_sum / self.num_scored
+
+    @property
+    def loss(self) -> torch.Tensor:
+        """The training loss: the LM loss plus the weighted load-balancing loss."""
+        return self.lm_loss + self.aux_loss_coef * self.aux_loss
+
+
+class ShardedModel:
+    """A transformers causal LM sharded on a mesh, with everything it needs for that mesh.
+
+    `.module` is transformers' model (its parameters, state_dict and checkpoint names are
+    transformers'); the trainer calls `loss_terms` and, after each optimizer step,
+    `update_router_bias`.
     """
-    import torch_xla
 
-    # The config carries the architecture only (clm.model.config); what clm runs it with is set here.
-    attention.configure(hf_config, cfg.model.flash_attention)
-    moe.configure(hf_config, cfg.model.capacity_factor)
-    dtype = getattr(torch, cfg.model.dtype)
+    def __init__(self, module, mesh, mesh_shape: parallel.MeshShape, placements: dict,
+                 routing: moe.Routing | None, attention_choice: attention.Choice,
+                 router_bias_update_rate: float | None):
+        self.module = module
+        self.mesh = mesh
+        self.mesh_shape = mesh_shape
+        self.placements = placements
+        self.routing = routing
+        self.attention = attention_choice
+        self.router_bias_update_rate = router_bias_update_rate  # None: the correction bias stays put
+        # Passed with every forward down to the attention function (transformers forwards its
+        # keyword arguments to it): the flash kernel's partitioning for this mesh.
+        self.forward_kwargs = (
+            {"partitioning": attention.Partitioning(mesh, parallel.attention_spec())} if attention_choice.flash else {})
+        self._step_load: torch.Tensor | None = None  # expert load summed over this step's micro-batches
+
+    # ---- what a torch module offers, delegated
+    def parameters(self):
+        return self.module.parameters()
+
+    def named_parameters(self):
+        return self.module.named_parameters()
+
+    def state_dict(self):
+        return self.module.state_dict()
+
+    def train(self, mode: bool = True) -> ShardedModel:
+        self.module.train(mode)
+        return self
+
+    def eval(self) -> ShardedModel:
+        return self.train(False)
+
+    @property
+    def config(self):
+        return self.module.config
+
+    @property
+    def is_moe(self) -> bool:
+        return self.routing is not None
+
+    # ---- forward and loss
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [B, S, V], rows sharded over the data axes and vocab over tensor."""
+        import torch_xla.distributed.spmd as xs
+
+        logits = self.module(input_ids=input_ids, **self.forward_kwargs).logits
+        xs.mark_sharding(logits, self.mesh, parallel.logits_spec())
+        return logits
+
+    def loss_terms(self, input_ids: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> LossTerms:
+        """Next-token loss terms of one batch. Sums rather than a mean, so that eval weights every
+        token of the validation set equally. In training, MoE models add the family's
+        load-balancing loss and the router metrics, and accumulate the step's expert load."""
+        logits = self(input_ids)
+        shift_logits = logits[:, :-1, :].float().reshape(-1, logits.shape[-1])
+        shift_labels = labels[:, 1:].reshape(-1)
+        loss_sum = F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index, reduction="sum")
+        terms = LossTerms(loss_sum, (shift_labels != ignore_index).sum(), torch.zeros((), device=logits.device), 0.0)
+        if self.routing is not None and self.module.training:
+            aux = self.routing.load_balancing_loss(*input_ids.shape)
+            if aux is not None:
+                terms.aux_loss, terms.aux_loss_coef = aux, self.routing.aux_loss.coefficient
+            terms.router_metrics = self.routing.metrics()
+            if self.router_bias_update_rate is not None:
+                load = self.routing.expert_load()
+                self._step_load = load if self._step_load is None else self._step_load + load
+        return terms
+
+    def update_router_bias(self) -> None:
+        """After an optimizer step: aux-loss-free balancing from the step's expert load
+        (model.router_bias_update); nothing otherwise. Joins the step's graph, no host sync."""
+        if self._step_load is not None:
+            self.routing.update_correction_bias(self._step_load, self.router_bias_update_rate)
+            self._step_load = None
+
+
+# ------------------------------------------------------------------------------ building
+
+
+def meta_model(hf_config):
+    """transformers' model class for the config, on the meta device (nothing allocated)."""
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
-        model = MixtralForCausalLM(hf_config).to(dtype)
-    model.to_empty(device=torch_xla.device())
-    placements = place_parameters(model)
-    init.initialize_buffers(model)
-    if cfg.model.name_or_path:
-        weights.load(model, placements, weights.HubCheckpoint(cfg.model.name_or_path))
-    else:
-        init.initialize_parameters(model, placements, cfg.seed)
-    moe.attach(model)
+        return AutoModelForCausalLM.from_config(hf_config)
+
+
+def check_model(cfg: DictConfig, hf_config, mesh_shape: parallel.MeshShape):
+    """Everything about the model that can be wrong in the config, before anything is written
+    or compiled: the mesh against heads and experts, MoE knobs on a dense model, the sharding
+    rules against every parameter, the knobs that need a routing correction bias or named
+    layer classes. Returns the meta-device model it checked."""
+    parallel.check_model_fits_mesh(mesh_shape, hf_config)
+    check_moe_knobs(cfg, hf_config)
+    model = meta_model(hf_config)
+    parallel.plan_model(model, cfg.sharding, mesh_shape)
+    if cfg.model.router_bias_update and not any(
+            hasattr(m, moe.CORRECTION_BIAS) for m in model.modules()):
+        raise UserError(
+            f"model.router_bias_update=true: {hf_config.model_type} has no routing correction bias "
+            f"({moe.CORRECTION_BIAS}, as DeepSeek-V3 has); use model.router_bias_update=false"
+        )
     if cfg.model.fsdp_config.xla_fsdp_grad_ckpt:
-        checkpoint_layers(model, cfg.model.fsdp_config.fsdp_transformer_layer_cls_to_wrap)
+        checkpointed_layer_classes(model, cfg.model.fsdp_config.fsdp_transformer_layer_cls_to_wrap)
     return model
 
 
-def checkpoint_layers(model: torch.nn.Module, class_names) -> None:
-    """Recompute each decoder layer in the backward pass (activation checkpointing).
+def check_moe_knobs(cfg: DictConfig, hf_config) -> None:
+    """MoE knobs mean nothing on a dense model: say so rather than ignore them."""
+    if family.is_moe(hf_config):
+        return
+    default = OmegaConf.load(MODEL_DEFAULTS).capacity_factor
+    if cfg.model.capacity_factor != default:
+        raise UserError(
+            f"model.capacity_factor={cfg.model.capacity_factor}: {hf_config.model_type} is a dense model (no "
+            f"experts); leave model.capacity_factor at its default ({default})"
+        )
+    if cfg.expert_parallelism > 1:
+        raise UserError(
+            f"expert_parallelism={cfg.expert_parallelism}: {hf_config.model_type} is a dense model (no experts); "
+            "use expert_parallelism=1"
+        )
+
+
+def checkpointed_layer_classes(model, class_names) -> list[str]:
+    """The layers activation checkpointing recomputes: transformers' checkpointable layers
+    (its GradientCheckpointingLayer: the decoder layers), named by the reference's knob."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    available = sorted({type(m).__name__ for m in model.modules() if isinstance(m, GradientCheckpointingLayer)})
+    unknown = [name for name in class_names if name not in available]
+    if unknown or not class_names:
+        raise UserError(
+            f"model.fsdp_config.fsdp_transformer_layer_cls_to_wrap={list(class_names)}: "
+            f"{type(model).__name__}'s checkpointable layers are {available}; use {available}"
+        )
+    return available
+
+
+def build_sharded_model(cfg: DictConfig, mesh_shape: parallel.MeshShape, hf_config=None) -> ShardedModel:
+    """The model of cfg.model on a mesh of `mesh_shape`, sharded, filled and ready to train.
+
+    `hf_config` defaults to clm.model.config.load_model_config(cfg); it is copied, never changed.
+    """
+    import torch_xla
+
+    if hf_config is None:
+        from clm.model.config import load_model_config
+
+        hf_config = load_model_config(cfg)
+    hf_config = copy.deepcopy(hf_config)
+    # The router logits clm records itself; transformers' own recording would make the
+    # forward compute the aux loss with torch.histc, which fails on XLA.
+    hf_config.output_router_logits = False
+    hf_config.use_cache = False
+    is_moe = family.is_moe(hf_config)
+    if is_moe:
+        hf_config._experts_implementation = moe.EXPERTS_IMPLEMENTATION
+    module = check_model(cfg, hf_config, mesh_shape)
+    choice = attention.select(module, cfg.model.flash_attention, cfg.max_length)
+    module.set_attn_implementation(choice.implementation)
+    logger.info("attention: %s", choice.reason)
+
+    _cast(module, getattr(torch, cfg.model.dtype))
+    module.to_empty(device=torch_xla.device())
+    module.tie_weights()  # to_empty gives every parameter its own storage, tied ones too
+
+    mesh = parallel.build_mesh(mesh_shape)
+    placements = parallel.shard_parameters(module, mesh, cfg.sharding, mesh_shape)
+    init.initialize_buffers(module, placements)
+    if cfg.model.name_or_path:
+        from clm.model import weights
+
+        weights.load(module, placements, weights.HubCheckpoint(cfg.model.name_or_path))
+    else:
+        init.initialize_parameters(module, placements, cfg.seed)
+
+    routing = None
+    if is_moe:
+        from torch_xla.distributed.spmd.xla_sharding import MarkShardingFunction
+
+        spec = parallel.expert_activation_spec()
+        # Differentiable, so that the constraint holds in the backward pass too.
+        routing = moe.Routing(module, cfg.model.capacity_factor,
+                              constrain=lambda tensor: MarkShardingFunction.apply(tensor, mesh, spec))
+    if cfg.model.fsdp_config.xla_fsdp_grad_ckpt:
+        enable_activation_checkpointing(module, routing)
+    rate = cfg.model.router_bias_update_rate if cfg.model.router_bias_update else None
+    return ShardedModel(module, mesh, mesh_shape, placements, routing, choice, rate)
+
+
+def _cast(module, dtype: torch.dtype) -> None:
+    """The model in `dtype`, except what the family keeps in fp32 whatever the dtype
+    (`_keep_in_fp32_modules_strict`, e.g. DeepSeek-V3's correction bias), as from_pretrained does."""
+    module.to(dtype)
+    keep = getattr(module, "_keep_in_fp32_modules_strict", None) or ()
+    if dtype in (torch.float16, torch.bfloat16) and keep:
+        pattern = re.compile(rf"(^|\.)({'|'.join(map(re.escape, keep))})($|\.)")
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if pattern.search(name):
+                tensor.data = tensor.data.float()
+
+
+# ---------------------------------------------------------------- activation checkpointing
+
+
+def enable_activation_checkpointing(module, routing: moe.Routing | None) -> None:
+    """Recompute each decoder layer in the backward pass, through transformers' own hook
+    (`_set_gradient_checkpointing` with torch_xla's checkpoint as the function).
 
     torch_xla's checkpoint adds the optimization barriers that stop XLA from merging the
     recomputation back into the forward (which would keep every activation after all), and
     a backward barrier on each layer's gradients keeps XLA from holding all of them at once.
-    It is reentrant: the forward runs without autograd, so router logits recorded inside it
-    would carry no graph and the load-balancing loss would silently train nothing. The
-    checkpointed function therefore returns the layer's router logits as extra outputs,
-    which do carry the graph, and they replace the recorded ones.
+    It supports only use_reentrant=True: the forward runs without autograd, so router logits
+    recorded inside it would carry no graph and the load-balancing loss would silently train
+    nothing. `_checkpoint` therefore returns the layer's router logits as extra outputs of
+    the checkpointed function, which do carry the graph, and records those instead.
     """
     import torch_xla.distributed.spmd as xs
+    from transformers.modeling_layers import GradientCheckpointingLayer
 
-    layers = [m for m in model.modules() if type(m).__name__ in set(class_names)]
-    if not layers:
-        raise UserError(
-            f"model.fsdp_config.fsdp_transformer_layer_cls_to_wrap={list(class_names)} matches no module; "
-            "use ['MixtralDecoderLayer']"
-        )
-    for layer in layers:
-        layer.uncheckpointed_forward = layer.forward
-        # Bound to the layer, so torch_xla puts the layer's weights behind the barrier too.
-        layer.run_checkpointed = MethodType(_run_layer, layer)
-        layer.forward = MethodType(_checkpointed_forward, layer)
-        xs.apply_backward_optimization_barrier(layer)
+    module._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=partial(_checkpoint, routing))
+    for layer in module.modules():
+        if isinstance(layer, GradientCheckpointingLayer):
+            xs.apply_backward_optimization_barrier(layer)
 
 
-def _run_layer(layer, num_args: int, num_kwargs: int, *packed):
-    args, keys, values = packed[:num_args], packed[num_args:num_args + num_kwargs], packed[num_args + num_kwargs:]
-    hidden_states = layer.uncheckpointed_forward(*args, **dict(zip(keys, values)))
-    return (hidden_states, *moe.router_logits(layer))
-
-
-def _checkpointed_forward(layer, *args, **kwargs):
+def _checkpoint(routing: moe.Routing | None, layer_forward, *args):
+    """transformers calls this with `partial(forward, layer, **kwargs)` and the layer's
+    positional arguments; torch_xla's checkpoint takes positional arguments only."""
     from torch_xla.utils.checkpoint import checkpoint
 
-    if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in (*args, *kwargs.values())):
-        return layer.uncheckpointed_forward(*args, **kwargs)  # eval: nothing to recompute
-    # torch_xla's checkpoint takes positional arguments only.
-    hidden_states, *router_logits = checkpoint(
-        layer.run_checkpointed, len(args), len(kwargs), *args, *kwargs.keys(), *kwargs.values()
-    )
-    moe.set_router_logits(layer, tuple(router_logits))
-    return hidden_states
+    if not torch.is_grad_enabled():
+        return layer_forward(*args)  # nothing to recompute
+    # MoE layers of this decoder layer: those whose router runs inside it.
+    layers = [] if routing is None else routing.layers
+    before = {id(layer): layer.router_logits for layer in layers}
+    outputs_of = {}
+
+    def run(*inputs):
+        output = layer_forward(*inputs)
+        ran = [layer for layer in layers if layer.router_logits is not before[id(layer)]]
+        outputs_of["ran"], outputs_of["tuple"] = ran, isinstance(output, tuple)
+        output = output if isinstance(output, tuple) else (output,)
+        outputs_of["count"] = len(output)
+        return (*output, *(layer.router_logits for layer in ran))
+
+    # Bound to the layer, so torch_xla puts the layer's weights behind the barrier too.
+    owner = layer_forward.args[0] if isinstance(layer_forward, partial) and layer_forward.args else None
+    function = MethodType(lambda _, *inputs: run(*inputs), owner) if isinstance(owner, torch.nn.Module) else run
+    results = checkpoint(function, *args)
+    results = results if isinstance(results, tuple) else (results,)
+    count = outputs_of["count"]
+    for layer, logits in zip(outputs_of["ran"], results[count:]):
+        layer.router_logits = logits
+    output = results[:count]
+    return output if outputs_of["tuple"] else output[0]

@@ -2,14 +2,22 @@
 
 XLA's RNG keeps a sharded init equal to an unsharded one by generating the whole tensor's
 random bits on every device, so N virtual devices on one host held N copies of the largest
-parameter at once. Instead each parameter is generated once on the host, by transformers'
-own `_init_weights` for its module, from torch's CPU generator (mt19937) seeded from
-(seed, parameter name), then placed sharded and freed before the next. Same seed, same
-values, whatever the mesh or device count.
+parameter at once. Instead each parameter is generated once on the host by transformers'
+own `_init_weights`, from torch's CPU generator (mt19937) seeded from (seed, parameter name),
+then placed sharded and freed before the next. Same seed, same values, whatever the mesh or
+device count.
+
+transformers initialises a model bottom-up (`initialize_weights`: children, then their
+parent), and some families' parents re-initialise a child's tensor (GPT-2 scales its residual
+projections by 1/sqrt(2 * layers) from the attention and MLP modules). So each tensor gets
+`_init_weights` of its owner, then of every ancestor, while every other tensor of the model
+is a meta stand-in: transformers' init functions are no-ops on meta tensors, so only this
+tensor is computed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 
 import torch
@@ -29,49 +37,74 @@ def parameter_seed(seed: int, name: str) -> int:
 def initialize_parameters(model, placements: dict, seed: int) -> int:
     """transformers' init of every parameter, one at a time; returns how many were initialised."""
     count = 0
-    for name, module, kind, key in _direct_tensors(model, "_parameters"):
-        host = _init_on_host(model, module, kind, key, parameter_seed(seed, name))
-        place(getattr(module, key), placements[name], lambda index: host[index])
-        del host
-        count += 1
-        initialized["parameters"] += 1
+    with _all_on_meta(model) as slots:
+        for name, chain, key, tensor in slots["_parameters"]:
+            host = _init_on_host(model, chain, "_parameters", key, tensor, parameter_seed(seed, name))
+            place(tensor, placements[name], lambda index: host[index])
+            del host
+            count += 1
+            initialized["parameters"] += 1
     return count
 
 
-def initialize_buffers(model) -> None:
-    """Non-persistent buffers (rotary inv_freq): computed, not random, and needed by every start."""
-    for name, module, kind, key in _direct_tensors(model, "_buffers"):
-        place_replicated(getattr(module, key), _init_on_host(model, module, kind, key, 0))
+def initialize_buffers(model, placements: dict) -> None:
+    """Buffers: computed, not random (rotary inv_freq, DeepSeek's zero correction bias), and
+    needed by every start. Those with a placement (persistent ones: state to checkpoint) are
+    placed with their sharding annotation, the others copied to every device."""
+    with _all_on_meta(model) as slots:
+        for name, chain, key, tensor in slots["_buffers"]:
+            host = _init_on_host(model, chain, "_buffers", key, tensor, 0)
+            if name in placements:
+                place(tensor, placements[name], lambda index: host[index])
+            else:
+                place_replicated(tensor, host)
 
 
-def _direct_tensors(model, kind: str):
-    for module_name, module in model.named_modules():
-        for key, tensor in getattr(module, kind).items():
-            if tensor is not None:
-                yield (f"{module_name}.{key}" if module_name else key), module, kind, key
+@contextlib.contextmanager
+def _all_on_meta(model):
+    """Every parameter and buffer of `model` replaced by a meta stand-in, restored on exit.
 
-
-def _init_on_host(model, module, kind: str, key: str, seed: int) -> torch.Tensor:
-    """Run `_init_weights(module)` with `key` on the host and the module's other tensors on meta.
-
-    transformers' init functions are no-ops on meta tensors, so only this tensor is computed.
+    Yields {"_parameters" | "_buffers": [(name, [owner, parent, ..., root], key, real tensor)]},
+    each tensor once (a tied parameter under its first name).
     """
-    saved = {k: dict(getattr(module, k)) for k in ("_parameters", "_buffers")}
-    target = saved[kind][key]
-    host = torch.full(target.shape, float("nan"), dtype=target.dtype)
+    modules = dict(model.named_modules())
+    saved = []
+    slots = {"_parameters": [], "_buffers": []}
+    seen = set()
     try:
-        for k, tensors in saved.items():
-            for name, tensor in tensors.items():
-                if tensor is None:
-                    continue
-                stand_in = host if (k, name) == (kind, key) else torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
-                getattr(module, k)[name] = torch.nn.Parameter(stand_in, tensor.requires_grad) if k == "_parameters" else stand_in
+        for path, module in modules.items():
+            chain = [modules[".".join(path.split(".")[:i])] for i in range(path.count(".") + 1 if path else 0, -1, -1)]
+            for kind in slots:
+                tensors = getattr(module, kind)
+                for key, tensor in list(tensors.items()):
+                    if tensor is None:
+                        continue
+                    saved.append((tensors, key, tensor))
+                    stand_in = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+                    tensors[key] = torch.nn.Parameter(stand_in, tensor.requires_grad) if kind == "_parameters" else stand_in
+                    if id(tensor) not in seen:
+                        seen.add(id(tensor))
+                        slots[kind].append((f"{path}.{key}" if path else key, chain, key, tensor))
+        yield slots
+    finally:
+        for tensors, key, tensor in saved:
+            tensors[key] = tensor
+
+
+def _init_on_host(model, chain: list, kind: str, key: str, target: torch.Tensor, seed: int) -> torch.Tensor:
+    """Run `_init_weights` of the owner and each ancestor with `key` of the owner on the host."""
+    owner = chain[0]
+    tensors = getattr(owner, kind)
+    stand_in = tensors[key]
+    host = torch.full(target.shape, float("nan"), dtype=target.dtype)
+    tensors[key] = torch.nn.Parameter(host, target.requires_grad) if kind == "_parameters" else host
+    try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model._init_weights(module)
+            for module in chain:
+                model._init_weights(module)
     finally:
-        for k, tensors in saved.items():
-            getattr(module, k).update(tensors)
+        tensors[key] = stand_in
     if host.isnan().any():
-        raise RuntimeError(f"{type(module).__name__}.{key}: transformers' _init_weights left it uninitialised")
+        raise RuntimeError(f"{type(owner).__name__}.{key}: transformers' _init_weights left it uninitialised")
     return host

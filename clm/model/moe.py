@@ -1,10 +1,17 @@
-"""Capacity-factor Mixtral experts for XLA, plugged into transformers' experts interface.
+"""Capacity-factor experts for every MoE family in transformers' experts interface.
 
-`MixtralForCausalLM` is used unchanged. `configure` points `config._experts_implementation`
-at `experts_forward` below, which replaces the body of HF's `MixtralExperts.forward`
-(the router, `MixtralTopKRouter`, stays HF's: fp32 softmax, top-k, renormalised k weights).
+transformers 5 sends the experts of about sixty MoE families through one interface
+(`use_experts_implementation`): the family's router picks top-k experts and weights, then
+`experts(hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K])` runs the function
+named by `config._experts_implementation`. `capacity_experts_forward` below is registered
+there; the routers, shared experts and dense layers stay the family's own modules.
+Each experts class's layout is honoured from the flags the decorator sets: fused gate/up
+(`has_gate`, with the class's `_apply_gate`: SwiGLU, or gpt-oss's interleaved, clamped one)
+or a plain up projection with `act_fn`, `[E, out, in]` or transposed `[E, in, out]` weights,
+biases, a post-expert norm.
 
-Semantics (the MLPerf reference's "dropped" Mixtral, DESIGN.md "Capacity-factor MoE"):
+Semantics (the MLPerf reference's "dropped" Mixtral, docs/design.md "Capacity-factor MoE"),
+the same for every family:
 - Capacity per sequence and expert: the reference's `C = int((S * K / E) * cf)`, capped at
   S (which changes nothing: no expert can be chosen more than S times in a sequence). Where
   that is 0 (S <= 3 at Mixtral's K=2, E=8, cf=1.25) clm keeps 1 slot, so a short sequence
@@ -16,10 +23,10 @@ Semantics (the MLPerf reference's "dropped" Mixtral, DESIGN.md "Capacity-factor 
   queue. A token's K choices are distinct experts, so within one expert's queue the order
   is simply by position: earlier positions win.
 - A dropped assignment contributes nothing and kept weights are not renormalised. A token
-  whose choices are ALL dropped passes its input (the post-attention-norm hidden state)
-  through unchanged, with the gradient flowing through that identity: the reference clones
-  the block's input and overwrites only tokens with a kept choice, as Switch Transformers'
-  implementation does. Such a layer adds the normalised hidden state to the residual.
+  whose choices are ALL dropped passes its input (the MoE block's input) through unchanged,
+  with the gradient flowing through that identity: the reference clones the block's input
+  and overwrites only tokens with a kept choice, as Switch Transformers' implementation does.
+  Where a family adds a shared expert (Qwen2-MoE, DeepSeek), it is added as the family does.
 - `cf <= 0` is dropless and equals HF's stock experts: on TPU through the Pallas grouped
   matmul, elsewhere through the same static-shape code with C = S (no queue can be longer).
 
@@ -27,97 +34,27 @@ Everything has static shapes and no host syncs, so routing that changes from ste
 never recompiles. Memory is O(tokens*K*H + E*C*H): the dispatch is an index gather into a
 [B, E, C, H] buffer, never a [tokens, E, C] one-hot.
 
-The trainer calls:
-    configure(hf_config, capacity_factor)   # before building the model
-    attach(model)                           # after building it (sequence length, router logits)
-    load_balancing_loss(router_logits(model), E, K)    # training loss only
-    router_metrics(model)                   # device tensors from the last forward
-    set_expert_activation_sharding(fn)      # optional: sharding of the [B, E, C, *] buffers
+What clm needs per model (capacity factor, the mesh's activation constraint) and what each
+forward routed (router logits, expert load) live on `Routing`, built with the model for its
+mesh (clm.model.build), never on transformers' modules or config: forward hooks hand each
+block's `MoELayer` to the experts function (as a keyword argument) and record into it.
 """
 
+from __future__ import annotations
+
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers.integrations.moe import ExpertsInterface
-from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 from clm.runtime import on_tpu
 
 EXPERTS_IMPLEMENTATION = "clm_capacity"
-
-# Applied to every [B, E, C, *] expert activation; see set_expert_activation_sharding.
-_expert_activation_sharding: Callable[[torch.Tensor], torch.Tensor] | None = None
-
-
-def set_expert_activation_sharding(fn: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
-    """Install `fn(tensor) -> tensor` to constrain the sharding of [B, E, C, *] activations.
-
-    It is applied to the dispatched tokens, the gated hidden states and the expert outputs
-    (e.g. batch over the data axes and E over an expert axis: XLA then moves tokens between
-    batch and expert sharding by all-to-all). Use a function that is differentiable and
-    returns its input's values, e.g.
-    `lambda t: MarkShardingFunction.apply(t, mesh, (("data", "fsdp"), "expert", None, None))`,
-    so the constraint holds in the backward pass too. `None` removes it.
-    """
-    global _expert_activation_sharding
-    _expert_activation_sharding = fn
-
-
-def _constrain(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor if _expert_activation_sharding is None else _expert_activation_sharding(tensor)
-
-
-def configure(hf_config, capacity_factor: float) -> None:
-    """Select this module's experts on a MixtralConfig, before the model is built.
-
-    capacity_factor <= 0 means dropless. The factor is stored on the config (and so in a saved
-    config.json) as `capacity_factor`.
-    """
-    hf_config._experts_implementation = EXPERTS_IMPLEMENTATION
-    hf_config.capacity_factor = float(capacity_factor)
-
-
-def attach(model: torch.nn.Module) -> None:
-    """Hooks every Mixtral MoE block needs; call once, after building the model.
-
-    - HF flattens hidden states to [B*S, H] before calling the experts, but capacity is per
-      sequence, so a forward pre-hook records S (a Python int: shapes are static anyway).
-    - The router's logits of each forward are kept on the router (`router_logits`) for the
-      load-balancing loss. Unlike transformers' output recording this also works when the
-      decoder layer is activation-checkpointed: the checkpoint wrapper
-      (clm.model.build.checkpoint_layers) hands out the logits as outputs of the checkpointed
-      function, so they keep their graph, and puts them back with `set_router_logits`.
-    """
-    blocks = moe_blocks(model)
-    if not blocks:
-        raise ValueError("attach(model): the model has no MixtralSparseMoeBlock")
-    for block in blocks:
-        block.experts.sequence_length = None
-        block.register_forward_pre_hook(_record_sequence_length)
-        block.gate.register_forward_hook(_record_router_logits)
-
-
-def moe_blocks(module: torch.nn.Module) -> list[MixtralSparseMoeBlock]:
-    return [m for m in module.modules() if isinstance(m, MixtralSparseMoeBlock)]
-
-
-def _record_sequence_length(block: MixtralSparseMoeBlock, args: tuple) -> None:
-    block.experts.sequence_length = args[0].shape[1]
-
-
-def _record_router_logits(router: torch.nn.Module, args: tuple, output: tuple) -> None:
-    router.router_logits = output[0]
-
-
-def router_logits(module: torch.nn.Module) -> tuple[torch.Tensor, ...]:
-    """Each MoE layer's router logits [B*S, E] from the last forward, in layer order."""
-    return tuple(block.gate.router_logits for block in moe_blocks(module))
-
-
-def set_router_logits(module: torch.nn.Module, logits: tuple[torch.Tensor, ...]) -> None:
-    for block, layer_logits in zip(moe_blocks(module), logits, strict=True):
-        block.gate.router_logits = layer_logits
+# DeepSeek-V3's aux-loss-free balancing bias on its router (also GLM-4-MoE, dots1, ...).
+CORRECTION_BIAS = "e_score_correction_bias"
 
 
 def expert_capacity(sequence_length: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
@@ -134,29 +71,69 @@ def expert_capacity(sequence_length: int, top_k: int, num_experts: int, capacity
     return min(sequence_length, max(1, int((sequence_length * top_k / num_experts) * capacity_factor)))
 
 
-def experts_forward(
+def is_experts(module: torch.nn.Module) -> bool:
+    """An experts module of transformers' experts interface (decorated by use_experts_implementation)."""
+    return all(hasattr(module, flag) for flag in ("has_gate", "has_bias", "is_transposed", "is_concatenated"))
+
+
+@dataclass(eq=False)
+class MoELayer:
+    """One MoE block of a built model: clm's settings for it and what its last forward routed."""
+
+    name: str  # the block's module path, e.g. model.layers.3.mlp
+    layer: int  # its decoder layer
+    num_experts: int
+    capacity_factor: float
+    constrain: Callable[[torch.Tensor], torch.Tensor] | None  # for the [B, E, C, *] buffers
+    router_logits_index: int  # where the router's output holds the logits
+    correction_bias: torch.Tensor | None  # the router's e_score_correction_bias, if it has one
+    # Of the last forward:
+    sequence_length: int | None = None
+    router_logits: torch.Tensor | None = None  # [B*S, E]
+    expert_load: torch.Tensor | None = None  # [B, E] tokens routed to each expert, before drops
+    capacity: int | None = None
+
+    # Hooks (installed by Routing):
+    def record_sequence_length(self, block, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if hidden.dim() != 3:
+            raise RuntimeError(f"{self.name}: expected [batch, sequence, hidden] input, got {list(hidden.shape)}")
+        self.sequence_length = hidden.shape[1]
+
+    def record_router_logits(self, router, args, output):
+        self.router_logits = output[self.router_logits_index] if isinstance(output, tuple) else output
+
+    def pass_to_experts(self, experts, args, kwargs):
+        return args, {**kwargs, "moe_layer": self}
+
+
+def capacity_experts_forward(
     self: torch.nn.Module,
     hidden_states: torch.Tensor,
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
+    moe_layer: MoELayer | None = None,
 ) -> torch.Tensor:
-    """Replacement for `MixtralExperts.forward`: [B*S, H] tokens, [B*S, K] routing -> [B*S, H]."""
-    sequence_length = getattr(self, "sequence_length", None)
-    if sequence_length is None:
-        raise RuntimeError("clm.model.moe.attach(model) must be called before the first forward")
+    """The experts of any family: [B*S, H] tokens, [B*S, K] routing -> [B*S, H]."""
+    if moe_layer is None or moe_layer.sequence_length is None:
+        raise RuntimeError(
+            f"{type(self).__name__} uses clm's capacity experts, which run only in a model built by "
+            "clm.model.build.build_sharded_model (or with clm.model.moe.Routing attached)"
+        )
+    sequence_length = moe_layer.sequence_length
     num_tokens, hidden_dim = hidden_states.shape
     batch_size = num_tokens // sequence_length
     top_k = top_k_index.shape[-1]
-    capacity_factor = self.config.capacity_factor
+    num_experts = moe_layer.num_experts
 
     # [B, S*K] in queue order (see the module docstring).
     expert_index = top_k_index.view(batch_size, sequence_length * top_k)
-    routed = F.one_hot(expert_index, self.num_experts).to(torch.int32)  # [B, S*K, E]
+    routed = F.one_hot(expert_index, num_experts).to(torch.int32)  # [B, S*K, E]
     # Routed (before drops) tokens per expert and sequence: the router metrics' raw data.
-    self.expert_load = routed.sum(dim=1)  # [B, E]
-    capacity = self.capacity = expert_capacity(sequence_length, top_k, self.num_experts, capacity_factor)
+    load = moe_layer.expert_load = routed.sum(dim=1)  # [B, E]
+    capacity = moe_layer.capacity = expert_capacity(sequence_length, top_k, num_experts, moe_layer.capacity_factor)
 
-    if capacity_factor <= 0 and on_tpu(hidden_states) and _fits_gmm_tiles(self, num_tokens * top_k):
+    if moe_layer.capacity_factor <= 0 and on_tpu(hidden_states) and _fits_gmm_tiles(self, num_tokens * top_k):
         from torch_xla.experimental.custom_kernel import GMM
 
         return dropless_grouped_forward(self, hidden_states, top_k_index, top_k_weights, GMM.apply)
@@ -171,7 +148,7 @@ def experts_forward(
 
     # Inverse map, slot -> token, by scattering token positions into the slots. Dropped
     # assignments all go to one extra trash slot that is cut off afterwards.
-    num_slots = self.num_experts * capacity
+    num_slots = num_experts * capacity
     position = torch.arange(sequence_length * top_k, device=hidden_states.device) // top_k
     token_of_slot = torch.zeros(batch_size, num_slots + 1, dtype=torch.long, device=hidden_states.device)
     token_of_slot = token_of_slot.scatter(
@@ -179,11 +156,11 @@ def experts_forward(
     )[:, :num_slots]
     # Expert e fills its first min(load, C) slots; the rest hold no token (they point at
     # token 0) and are zeroed.
-    slot_filled = torch.arange(capacity, device=hidden_states.device) < self.expert_load.unsqueeze(-1)
+    slot_filled = torch.arange(capacity, device=hidden_states.device) < load.unsqueeze(-1)
 
     tokens = hidden_states.view(batch_size, sequence_length, hidden_dim)
-    dispatched = _gather_rows(tokens, token_of_slot).view(batch_size, self.num_experts, capacity, hidden_dim)
-    expert_output = expert_mlp(self, dispatched * slot_filled.unsqueeze(-1).to(dispatched.dtype))
+    dispatched = _gather_rows(tokens, token_of_slot).view(batch_size, num_experts, capacity, hidden_dim)
+    expert_output = expert_mlp(self, dispatched * slot_filled.unsqueeze(-1).to(dispatched.dtype), moe_layer.constrain)
 
     # Combine: every assignment reads its slot back; dropped ones are weighted by zero.
     gathered = _gather_rows(expert_output.reshape(batch_size, num_slots, hidden_dim), slot)
@@ -196,11 +173,36 @@ def experts_forward(
     return torch.where(any_kept, output, hidden_states)
 
 
-def expert_mlp(experts: torch.nn.Module, dispatched: torch.Tensor) -> torch.Tensor:
-    """Every expert's gated MLP on its own slots: [B, E, C, H] -> [B, E, C, H]."""
-    gate_up = torch.einsum("bech,eih->beci", _constrain(dispatched), experts.gate_up_proj)
-    gated = _constrain(experts._apply_gate(gate_up))
-    return _constrain(torch.einsum("beci,ehi->bech", gated, experts.down_proj))
+def _up_weights(experts: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The first projection and its bias: fused gate/up, or up alone (has_gate false)."""
+    name = "gate_up_proj" if experts.has_gate else "up_proj"
+    return getattr(experts, name), getattr(experts, f"{name}_bias") if experts.has_bias else None
+
+
+def _activate(experts: torch.nn.Module, projected: torch.Tensor) -> torch.Tensor:
+    return experts._apply_gate(projected) if experts.has_gate else experts.act_fn(projected)
+
+
+def expert_mlp(experts: torch.nn.Module, dispatched: torch.Tensor,
+               constrain: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Every expert's MLP on its own slots: [B, E, C, H] -> [B, E, C, H].
+
+    `constrain` (the model's sharding of [B, E, C, *] buffers) is applied to the dispatched
+    tokens, the activated hidden states and the expert outputs.
+    """
+    constrain = constrain or (lambda tensor: tensor)
+    up, up_bias = _up_weights(experts)
+    # Weights are [E, out, in], or [E, in, out] when transposed (gpt-oss).
+    projected = torch.einsum("bech,ehi->beci" if experts.is_transposed else "bech,eih->beci", constrain(dispatched), up)
+    if up_bias is not None:
+        projected = projected + up_bias[None, :, None, :]
+    activated = constrain(_activate(experts, projected))
+    output = torch.einsum("beci,eih->bech" if experts.is_transposed else "beci,ehi->bech", activated, experts.down_proj)
+    if experts.has_bias:
+        output = output + experts.down_proj_bias[None, :, None, :]
+    if experts.has_post_expert_norm:
+        output = experts.post_expert_norm(output)
+    return constrain(output)
 
 
 def _gather_rows(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -228,12 +230,21 @@ def dropless_grouped_forward(
     """
     num_tokens, hidden_dim = hidden_states.shape
     top_k = top_k_index.shape[-1]
+    up, up_bias = _up_weights(self)
     expert_index = top_k_index.reshape(-1)
     order = torch.argsort(expert_index, stable=True)
-    group_sizes = F.one_hot(expert_index, self.num_experts).sum(dim=0).to(torch.int32)
+    sorted_experts = expert_index[order]
+    group_sizes = F.one_hot(expert_index, up.shape[0]).sum(dim=0).to(torch.int32)
     sorted_tokens = hidden_states[order // top_k]
-    gate_up = grouped_matmul(sorted_tokens, self.gate_up_proj.transpose(1, 2), group_sizes)
-    sorted_output = grouped_matmul(self._apply_gate(gate_up), self.down_proj.transpose(1, 2), group_sizes)
+
+    def project(inputs, weight, bias):  # rows sorted by expert; weight [E, out, in] or transposed
+        output = grouped_matmul(inputs, weight if self.is_transposed else weight.transpose(1, 2), group_sizes)
+        return output if bias is None else output + bias[sorted_experts]
+
+    activated = _activate(self, project(sorted_tokens, up, up_bias))
+    sorted_output = project(activated, self.down_proj, self.down_proj_bias if self.has_bias else None)
+    if self.has_post_expert_norm:
+        sorted_output = self.post_expert_norm(sorted_output)
     output = torch.empty_like(sorted_output).index_copy(0, order, sorted_output)
     weighted = output.view(num_tokens, top_k, hidden_dim) * top_k_weights.unsqueeze(-1)
     return weighted.sum(dim=1).to(hidden_states.dtype)
@@ -243,57 +254,151 @@ def _fits_gmm_tiles(experts: torch.nn.Module, num_assignments: int) -> bool:
     # torch_xla's GMM tiles every dimension by 512 and needs the tiles to divide them;
     # true for Mixtral-8x7B/8x22B, not for debug-size models (they take the static path).
     tile = 512
-    return all(dim % tile == 0 for dim in (experts.hidden_dim, experts.intermediate_dim, num_assignments))
+    up, _ = _up_weights(experts)
+    return all(dim % tile == 0 for dim in (*experts.down_proj.shape[1:], up.shape[1], num_assignments))
 
 
-def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int) -> torch.Tensor:
-    """HF's `load_balancing_loss_func` (no attention mask), without `torch.histc`, so it runs on XLA.
+# --------------------------------------------------------------- one model's routing
 
-    All layers pooled: E * sum_e f_e * P_e, with f_e the fraction of all (layer, token) rows
-    that route to expert e among their top-k (so sum_e f_e = K) and P_e the mean router
-    probability of e. Routing before drops. Softmax in the logits' dtype, as HF.
+
+def _router_recorder(model: torch.nn.Module) -> tuple[type | None, int]:
+    """The router class and output index that transformers records router logits from
+    (the family's `_can_record_outputs["router_logits"]`)."""
+    from transformers import PreTrainedModel
+    from transformers.utils.output_capturing import OutputRecorder
+
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            spec = (type(module)._can_record_outputs or {}).get("router_logits")
+            if isinstance(spec, list):
+                spec = spec[0]
+            if isinstance(spec, OutputRecorder):
+                return spec.target_class, spec.index
+            if isinstance(spec, type):
+                return spec, 1  # transformers' default index for outputs other than hidden states
+    return None, 0
+
+
+def _decoder_layer(name: str) -> int:
+    """The decoder layer of a module path (model.layers.3.mlp -> 3)."""
+    return next((int(part) for part in name.split(".") if part.isdigit()), 0)
+
+
+class Routing:
+    """clm's MoE settings for one built model and what its forwards routed, per MoE block.
+
+    Installs three forward hooks per block: one records the sequence length (capacity is per
+    sequence, but transformers flattens [B, S, H] to [B*S, H] before the experts), one records
+    the router's logits, one hands the block's MoELayer to the experts function.
     """
-    routed_sum = torch.zeros(num_experts, dtype=torch.float32, device=router_logits[0].device)
-    probability_sum = torch.zeros_like(routed_sum)
-    num_rows = 0
-    for layer_logits in router_logits:
-        probabilities = F.softmax(layer_logits, dim=-1)
-        _, selected = torch.topk(probabilities, top_k, dim=-1)
-        routed_sum = routed_sum + F.one_hot(selected, num_experts).sum(dim=(0, 1)).float()
-        probability_sum = probability_sum + probabilities.float().sum(dim=0)
-        num_rows += layer_logits.shape[0]
-    return num_experts * torch.sum((routed_sum / num_rows) * (probability_sum / num_rows))
+
+    def __init__(self, model: torch.nn.Module, capacity_factor: float,
+                 constrain: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        router_class, logits_index = _router_recorder(model)
+        self.layers: list[MoELayer] = []
+        modules = dict(model.named_modules())
+        for name, experts in modules.items():
+            if not is_experts(experts):
+                continue
+            block_name = name.rpartition(".")[0]
+            block = modules[block_name]
+            router = next((m for m in block.children() if router_class and isinstance(m, router_class)), None)
+            layer = MoELayer(
+                name=block_name, layer=_decoder_layer(block_name), num_experts=_up_weights(experts)[0].shape[0],
+                capacity_factor=float(capacity_factor), constrain=constrain, router_logits_index=logits_index,
+                correction_bias=getattr(router, CORRECTION_BIAS, None),
+            )
+            block.register_forward_pre_hook(layer.record_sequence_length, with_kwargs=True)
+            experts.register_forward_pre_hook(layer.pass_to_experts, with_kwargs=True)
+            if router is not None:
+                router.register_forward_hook(layer.record_router_logits)
+            self.layers.append(layer)
+        if not self.layers:
+            raise ValueError(f"{type(model).__name__} has no experts of transformers' experts interface")
+        self.aux_loss = AuxLoss.of(model)
+
+    @property
+    def has_correction_bias(self) -> bool:
+        return any(layer.correction_bias is not None for layer in self.layers)
+
+    def router_logits(self) -> tuple[torch.Tensor, ...]:
+        """Each MoE layer's router logits [B*S, E] of the last forward, in layer order."""
+        return tuple(layer.router_logits for layer in self.layers)
+
+    def expert_load(self) -> torch.Tensor:
+        """[MoE layers, E]: tokens of the last forward routed to each expert (before drops)."""
+        return torch.stack([layer.expert_load.sum(dim=0) for layer in self.layers])
+
+    def load_balancing_loss(self, batch_size: int, sequence_length: int) -> torch.Tensor | None:
+        """The family's own load-balancing loss of the last forward (None where it has none)."""
+        return self.aux_loss(self.router_logits(), batch_size, sequence_length) if self.aux_loss else None
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """Routing statistics of the last forward, as device tensors (no host sync here).
+
+        - `moe/drop_fraction`: dropped / routed (token, choice) assignments over all layers;
+          `moe/drop_fraction/layer_{i}` the same for the MoE block of decoder layer i.
+        - `moe/expert_load_max`, `moe/expert_load_mean`: "expert load" is the number of a
+          sequence's tokens routed to an expert in one layer, before drops. Max and mean are
+          over layers, sequences and experts; the mean is always S*K/E (perfect balance), so
+          max / mean is the worst imbalance and max > capacity means that expert dropped tokens.
+
+        Compute it right after the forward (a few tiny ops that join the step's graph) and move
+        the values to the host only at log steps, inside a step closure.
+        """
+        metrics = {}
+        dropped_total, routed_total, loads = 0, 0, []
+        for layer in self.layers:
+            load = layer.expert_load
+            dropped = (load - load.clamp(max=layer.capacity)).sum()
+            routed = load.sum()
+            metrics[f"moe/drop_fraction/layer_{layer.layer}"] = dropped / routed
+            dropped_total, routed_total = dropped_total + dropped, routed_total + routed
+            loads.append(load)
+        loads = torch.stack(loads).float()
+        metrics["moe/drop_fraction"] = dropped_total / routed_total
+        metrics["moe/expert_load_max"] = loads.max()
+        metrics["moe/expert_load_mean"] = loads.mean()
+        return metrics
+
+    @torch.no_grad()
+    def update_correction_bias(self, expert_load: torch.Tensor, rate: float) -> None:
+        """Aux-loss-free balancing (DeepSeek-V3, arXiv:2412.19437 section 2.1.2): after each
+        optimizer step, every router's correction bias moves by `rate` towards balance,
+        `bias += rate * sign(mean load - load)`, from that step's load [MoE layers, E]
+        (tokens routed before drops). Outside autograd; in the step's graph, so no host sync."""
+        for layer, load in zip(self.layers, expert_load, strict=True):
+            if layer.correction_bias is not None:
+                load = load.float()
+                layer.correction_bias.add_(torch.sign(load.mean() - load).to(layer.correction_bias.dtype) * rate)
 
 
-def router_metrics(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Routing statistics of the last forward, as device tensors (no host sync here).
+@dataclass(frozen=True)
+class AuxLoss:
+    """transformers' load-balancing loss of one family: its modeling module's
+    `load_balancing_loss_func` with the model's expert count, top-k and coefficient.
 
-    - `moe/drop_fraction`: dropped / routed (token, choice) assignments over all layers;
-      `moe/drop_fraction/layer_{i}` the same for the i-th MoE layer.
-    - `moe/expert_load_max`, `moe/expert_load_mean`: "expert load" is the number of a
-      sequence's tokens routed to an expert in one layer, before drops. Max and mean are over
-      layers, sequences and experts; the mean is always S*K/E (perfect balance), so
-      max / mean is the worst imbalance and max > capacity means that expert dropped tokens.
-
-    Compute it every step right after the forward (a few tiny ops that join the step's
-    graph) and move the values to the host only at log steps, inside a step closure.
-    With gradient accumulation it describes the last micro-batch.
+    Called with an all-ones attention mask: that is the unmasked value (every row counts once)
+    through the function's scatter_add branch, which runs on XLA with static shapes, where the
+    unmasked branch's `torch.histc` on integers does not.
     """
-    experts = [block.experts for block in moe_blocks(model)]
-    metrics = {}
-    dropped_total, routed_total, loads = 0, 0, []
-    for layer, layer_experts in enumerate(experts):
-        load = layer_experts.expert_load
-        dropped = (load - load.clamp(max=layer_experts.capacity)).sum()
-        routed = load.sum()
-        metrics[f"moe/drop_fraction/layer_{layer}"] = dropped / routed
-        dropped_total, routed_total = dropped_total + dropped, routed_total + routed
-        loads.append(load)
-    loads = torch.stack(loads).float()
-    metrics["moe/drop_fraction"] = dropped_total / routed_total
-    metrics["moe/expert_load_max"] = loads.max()
-    metrics["moe/expert_load_mean"] = loads.mean()
-    return metrics
+
+    function: Callable
+    num_experts: int
+    top_k: int
+    coefficient: float
+
+    @staticmethod
+    def of(model: torch.nn.Module) -> AuxLoss | None:
+        function = getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
+        if function is None or not hasattr(model, "router_aux_loss_coef"):
+            return None  # the family has none (DeepSeek-V3 balances with its correction bias)
+        return AuxLoss(function, int(model.num_experts), int(model.num_experts_per_tok),
+                       float(model.router_aux_loss_coef))
+
+    def __call__(self, router_logits: tuple[torch.Tensor, ...], batch_size: int, sequence_length: int) -> torch.Tensor:
+        mask = torch.ones(batch_size, sequence_length, device=router_logits[0].device)
+        return self.function(router_logits, self.num_experts, self.top_k, mask)
 
 
-ExpertsInterface.register(EXPERTS_IMPLEMENTATION, experts_forward)
+ExpertsInterface.register(EXPERTS_IMPLEMENTATION, capacity_experts_forward)

@@ -12,10 +12,22 @@ from dataclasses import dataclass
 import numpy as np
 
 from clm.errors import UserError
+from clm.model import family
 
 AXES = ("dcn", "fsdp", "expert", "tensor")
 # The batch dimension is split over these; devices that differ only in `tensor` share a batch shard.
 DATA_AXES = ("dcn", "fsdp", "expert")
+
+# A partition spec: one entry per tensor dimension, each None (not split), an axis name, or a
+# tuple of axis names (split over their product, major first).
+PartitionSpec = tuple
+
+
+def axes_of(entry) -> tuple[str, ...]:
+    """The mesh axes one partition-spec entry splits its dimension over."""
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 @dataclass(frozen=True)
@@ -57,14 +69,19 @@ def mesh_shape(num_devices: int, tensor_parallelism: int, expert_parallelism: in
 
 
 def check_model_fits_mesh(shape: MeshShape, hf_config) -> None:
-    """Tensor parallelism splits attention heads; expert parallelism splits experts."""
+    """Tensor parallelism splits attention heads; expert parallelism splits experts (of any family)."""
     tp, ep = shape.tensor, shape.expert
-    if hf_config.num_attention_heads % tp:
-        raise UserError(f"tensor_parallelism={tp} must divide num_attention_heads={hf_config.num_attention_heads}")
-    if hf_config.num_key_value_heads % tp:
-        raise UserError(f"tensor_parallelism={tp} must divide num_key_value_heads={hf_config.num_key_value_heads}")
-    if hf_config.num_local_experts % ep:
-        raise UserError(f"expert_parallelism={ep} must divide num_local_experts={hf_config.num_local_experts}")
+    heads, kv_heads = family.num_attention_heads(hf_config), family.num_key_value_heads(hf_config)
+    if heads % tp:
+        raise UserError(f"tensor_parallelism={tp} must divide num_attention_heads={heads}")
+    if kv_heads % tp:
+        raise UserError(f"tensor_parallelism={tp} must divide num_key_value_heads={kv_heads}")
+    experts = family.num_experts(hf_config)
+    if ep > 1 and not experts:
+        raise UserError(f"expert_parallelism={ep}: {hf_config.model_type} is a dense model (no experts); "
+                        "use expert_parallelism=1")
+    if experts % ep:
+        raise UserError(f"expert_parallelism={ep} must divide {family.expert_count_field(hf_config)}={experts}")
 
 
 def check_multihost_input(shape: MeshShape) -> None:

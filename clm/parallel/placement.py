@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from clm.parallel.sharding import PartitionSpec, _axes_of
+from clm.parallel.mesh import PartitionSpec, axes_of
 
 Index = tuple[slice, ...]
 
@@ -46,7 +46,7 @@ class Placement:
             index, padded = [], []
             for size, entry in zip(shape, self.spec):
                 tiles, tile = 1, 0
-                for axis in _axes_of(entry):
+                for axis in axes_of(entry):
                     tiles, tile = tiles * sizes[axis], tile * sizes[axis] + coordinate[axis]
                 length = math.ceil(size / tiles)
                 start = min(tile * length, size)
