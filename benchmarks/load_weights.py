@@ -4,7 +4,7 @@
 
 Writes a random Mixtral in the hub's layout (bf16, per-expert w1/w2/w3, several safetensors
 files with an index) of about --gb GB, then builds the model through
-`clm.model.build.build_model` with model.name_or_path pointing at it, on the default virtual
+`clm.model.build.build_sharded_model` with model.name_or_path pointing at it, on the default virtual
 CPU devices, and measures the load. XLA's CPU backend keeps the devices' buffers in host
 memory, so peak_host_gb includes the loaded model itself; peak_over_largest_tensor is what
 the load needs beyond that, in units of the largest parameter as placed (a fused expert
@@ -72,21 +72,20 @@ def run(hub: Path) -> None:
     from clm import parallel, runtime
     from clm.config import load_config
     from clm.model import init, weights
-    from clm.model.build import build_model
+    from clm.model.build import build_sharded_model
     from clm.model.config import load_model_config
 
     cfg = load_config([f"model.name_or_path={hub}", "model.dtype=bfloat16"], num_devices=runtime.device_count)
     runtime.setup(None, False)
     hf_config = load_model_config(cfg)
     shape = parallel.mesh_shape(runtime.device_count(), 1, 1, 1)
-    mesh = parallel.build_mesh(shape)
     size = weights.HubCheckpoint(str(hub)).size_bytes()
 
     before = _status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := current RSS
     started = time.perf_counter()
-    model = build_model(cfg, hf_config, lambda m: parallel.shard_parameters(m, mesh, cfg.sharding, shape))
+    model = build_sharded_model(cfg, shape, hf_config)
     load_s = time.perf_counter() - started
     peak = _status("VmHWM") - before
     params = list(model.parameters())

@@ -75,18 +75,19 @@ def checkpoint_to_hf(checkpoint: str, out_dir: str, max_shard_bytes: int, config
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     from clm.model import weights
-    from clm.model.config import config_from_fields
+    from clm.model.config import config_from_fields, meta_model
+    from clm.parallel.sharding import model_tensors
 
     step_dir = resolve_step_dir(checkpoint)
     fields = _config_fields(step_dir, config)
-    model = weights.meta_model(config_from_fields(fields, f"CHECKPOINT={step_dir} config.json"))
+    model = meta_model(config_from_fields(fields, f"CHECKPOINT={step_dir} config.json"))
     metadata = storage_reader(step_dir).read_metadata()
     prefix = MODEL_KEY + "."
     entries = {key[len(prefix):]: md for key, md in metadata.state_dict_metadata.items()
                if key.startswith(prefix) and isinstance(md, TensorStorageMetadata)}
     if not entries:
         raise UserError(f"CHECKPOINT={step_dir}: no '{MODEL_KEY}' tensors in it")
-    wanted = weights.checkpoint_tensors(model)
+    wanted = model_tensors(model)
     absent = sorted(wanted.keys() - entries.keys())
     if absent:
         raise UserError(f"CHECKPOINT={step_dir}: no {', '.join(absent[:3])} in it, which its config.json's "

@@ -225,17 +225,14 @@ def _build(overrides: list[str]):
     from clm import checkpoint, parallel, runtime
     from clm.config import load_config
     from clm.model import init
-    from clm.model.build import build_model
-    from clm.model.config import load_model_config
+    from clm.model.build import build_sharded_model
 
     cfg = load_config(overrides, num_devices=runtime.device_count)
     runtime.setup(None, cfg.full_precision)
-    hf_config = load_model_config(cfg)
     shape = parallel.mesh_shape(runtime.device_count(), cfg.tensor_parallelism, cfg.expert_parallelism, 1)
-    mesh = parallel.build_mesh(shape)
-    model = build_model(cfg, hf_config, lambda m: parallel.shard_parameters(m, mesh, cfg.sharding, shape))
+    model = build_sharded_model(cfg, shape)
     if cfg.checkpoint_manager_path:
-        checkpoint.restore_model_weights(model, cfg.checkpoint_manager_path)
+        checkpoint.restore_model_weights(model.module, cfg.checkpoint_manager_path)
     return cfg, model, {"init_parameters": init.initialized["parameters"]}
 
 
@@ -244,7 +241,7 @@ def _logits(model) -> torch.Tensor:
 
     model.eval()
     with torch.no_grad():
-        return model(input_ids=INPUT_IDS.to(torch_xla.device())).logits.cpu()
+        return model(INPUT_IDS.to(torch_xla.device())).cpu()
 
 
 def _peak_rss() -> int:
@@ -279,7 +276,7 @@ if __name__ == "__main__":
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         model.train()
         for _ in range(3):
-            logits = model(input_ids=INPUT_IDS.to(torch_xla.device())).logits
+            logits = model(INPUT_IDS.to(torch_xla.device()))
             loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                      INPUT_IDS[:, 1:].reshape(-1).to(logits.device))
             loss.backward()
@@ -297,17 +294,13 @@ if __name__ == "__main__":
         from clm import parallel, runtime
         from clm.config import load_config
         from clm.model import weights
-        from clm.model.config import load_model_config
+        from clm.model.config import load_model_config, meta_model
 
         cfg = load_config(rest, num_devices=runtime.device_count)
         runtime.setup(None, False)
-        hf_config = load_model_config(cfg)
-        from transformers import MixtralForCausalLM
-
         shape = parallel.mesh_shape(runtime.device_count(), 1, 1, 1)
         mesh = parallel.build_mesh(shape)
-        with torch.device("meta"):
-            model = MixtralForCausalLM(hf_config)
+        model = meta_model(load_model_config(cfg))
         model.to_empty(device=torch_xla.device())
         placements = parallel.shard_parameters(model, mesh, cfg.sharding, shape)
         before = _rss()

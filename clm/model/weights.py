@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from clm.errors import UserError
+from clm.parallel.sharding import model_tensors
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -51,29 +52,10 @@ def _name_list(names, limit: int = 3) -> str:
 # ------------------------------------------------------------------------ the model side
 
 
-def meta_model(hf_config) -> torch.nn.Module:
-    """transformers' model for the config, on the meta device: names and shapes, no memory."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(hf_config)
-
-
-def checkpoint_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """What a checkpoint holds of `model`: its parameters (a tied one once, under its first
-    name) and its persistent buffers (e.g. DeepSeek-V3's router correction bias)."""
-    tensors = dict(model.named_parameters())
-    persistent = model.state_dict(keep_vars=True)
-    for name, buffer in model.named_buffers():
-        if name in persistent:
-            tensors[name] = buffer
-    return tensors
-
-
 def hub_layout(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     """Every hub tensor's name and shape for `model` (meta is enough): transformers' reverse
     conversion, as `save_pretrained` writes them."""
-    return {name: tuple(t.shape) for name, t in to_hub(model, checkpoint_tensors(model)).items()}
+    return {name: tuple(t.shape) for name, t in to_hub(model, model_tensors(model)).items()}
 
 
 def to_hub(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -410,8 +392,9 @@ class HubCheckpoint:
     def size_bytes(self) -> int:
         return sum((self.path / f).stat().st_size for f in self.files)
 
-    def check(self, hf_config) -> None:
-        """Every tensor the model needs is there, with the shape its config implies, and nothing else."""
+    def check(self, model: torch.nn.Module) -> None:
+        """Every tensor `model` (on meta, from the config) needs is there, with the shape the config
+        implies, and nothing else."""
         quantization = self.config_fields.get("quantization_config")
         if quantization:
             method = quantization.get("quant_method", "quantized") if isinstance(quantization, dict) else "quantized"
@@ -421,7 +404,7 @@ class HubCheckpoint:
                 "Mxfp4Config as Q; AutoModelForCausalLM.from_pretrained('DIR', dtype=torch.bfloat16, "
                 "quantization_config=Q(dequantize=True)).save_pretrained('OUT')\"` (for mxfp4), and set "
                 "model.name_or_path=OUT")
-        expected = hub_layout(meta_model(hf_config))
+        expected = hub_layout(model)
         actual = self.shapes()
         missing, extra = expected.keys() - actual.keys(), actual.keys() - expected.keys()
         if missing:
@@ -449,7 +432,7 @@ class HubCheckpoint:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
 
-        wanted = checkpoint_tensors(model)
+        wanted = model_tensors(model)
         transforms = get_model_conversion_mapping(model)
         renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
         converters = [t for t in transforms if isinstance(t, WeightConverter)]
@@ -512,7 +495,7 @@ def load(model, placements: dict, checkpoint: HubCheckpoint, workers: int = 4, p
 
     from clm.parallel.placement import Placement, place_replicated, place_shards, read_shards, shard_bytes
 
-    tensors = checkpoint_tensors(model)
+    tensors = model_tensors(model)
     recipes = checkpoint.sources(model)
     by_file = defaultdict(list)
     for name in tensors:
