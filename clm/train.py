@@ -24,8 +24,8 @@ from clm.checkpoint import Checkpointer, RNGState
 from clm.errors import EXIT_OK, EXIT_PREEMPTED
 from clm.metrics import MetricsWriter, mfu, reference_flops_per_token, training_flops_per_token
 from clm.model.build import build_sharded_model, check_model
+from clm.data.tokenizer import load_model_tokenizer
 from clm.model.config import load_model_config
-from clm.model.weights import tokenizer_source
 from clm.observe.mlperf import MLPerfLogger
 from clm.observe.recompiles import RecompileWatch
 from clm.observe.wandb_run import WandbRun
@@ -100,7 +100,7 @@ class Trainer:
         self.mlperf.init_start()
         self.resolved_config = redact(OmegaConf.to_container(cfg, resolve=True))  # no secret reaches a file or W&B
 
-        self.tokenizer = data.load_tokenizer(tokenizer_source(cfg.model), cfg.cache_local_dir)
+        self.tokenizer = load_model_tokenizer(cfg.model, hf_config.vocab_size, cfg.cache_local_dir)
 
         self.model = build_sharded_model(cfg, mesh_shape, hf_config)
         self.mesh = self.model.mesh

@@ -209,7 +209,7 @@ def test_bad_weights_exit_2_with_one_line_before_anything_is_written(tmp_path, h
 def test_tokenizer_comes_from_the_pretrained_directory(hub_dir, tmp_path):
     from omegaconf import OmegaConf
 
-    from clm.model.weights import tokenizer_source
+    from clm.data.tokenizer import tokenizer_source
 
     assert tokenizer_source(OmegaConf.create({"tokenizer_name_or_path": None, "name_or_path": str(hub_dir)})) == str(hub_dir)
     assert tokenizer_source(OmegaConf.create({"tokenizer_name_or_path": None, "name_or_path": str(tmp_path)})) is None

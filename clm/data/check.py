@@ -16,9 +16,10 @@ from clm.config import load_config
 from clm.data import hf_datasets
 from clm.data.eval_set import build_eval_set
 from clm.data.sources import FileListing, is_file_source, list_split, validate_dataset
-from clm.data.tokenizer import load_tokenizer
+from clm.data.tokenizer import load_model_tokenizer
 from clm.data.train_stream import build_train_stream
 from clm.errors import run_command
+from clm.model.config import load_model_config
 
 SHOWN_PATHS = 5
 SHOWN_CHARS = 300
@@ -44,8 +45,11 @@ def check(cfg, num_blocks_shown: int) -> None:
         for which in ("train", "eval"):
             print(f"{which} split: {hf_datasets.describe(hf_datasets.split_of(cfg, which))}")
 
-    tokenizer = load_tokenizer(cfg.model.tokenizer_name_or_path, cfg.cache_local_dir)
-    print(f"tokenizer: {tokenizer.name} (vocab {tokenizer.vocab_size}, bos {tokenizer.bos_id}, eos {tokenizer.eos_id})")
+    # The run's tokenizer: the pretrained directory's own, if it has one (clm.data.tokenizer).
+    vocab_size = load_model_config(cfg).vocab_size
+    tokenizer = load_model_tokenizer(cfg.model, vocab_size, cfg.cache_local_dir)
+    print(f"tokenizer: {tokenizer.name} (vocab {tokenizer.vocab_size}, bos {tokenizer.bos_id}, eos {tokenizer.eos_id}, "
+          f"pad {tokenizer.pad_id}; the model's vocab_size is {vocab_size})")
 
     with build_train_stream(cfg, tokenizer) as stream:
         batch = next(stream)

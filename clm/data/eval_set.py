@@ -81,7 +81,7 @@ def build_eval_set(cfg, tokenizer, process_index: int = 0, process_count: int = 
     num_blocks = -(-len(tokens) // L)
     num_batches = -(-num_blocks // global_batch_size)
     total_blocks = num_batches * global_batch_size
-    input_ids = np.full(total_blocks * L, tokenizer.eos_id, dtype=np.int32)
+    input_ids = np.full(total_blocks * L, tokenizer.pad_id, dtype=np.int32)
     labels = np.full(total_blocks * L, cfg.pad_token_id, dtype=np.int32)
     input_ids[: len(tokens)] = tokens
     labels[: len(tokens)] = tokens

@@ -545,15 +545,6 @@ def _round_robin(groups: list[list[str]]):
         yield [g[i] for g in groups if i < len(g)]
 
 
-def tokenizer_source(model_cfg) -> str | None:
-    """model.tokenizer_name_or_path, else the pretrained directory's own tokenizer.model."""
-    if model_cfg.tokenizer_name_or_path:
-        return model_cfg.tokenizer_name_or_path
-    if model_cfg.name_or_path and os.path.isfile(os.path.join(model_cfg.name_or_path, "tokenizer.model")):
-        return model_cfg.name_or_path
-    return None
-
-
 # ------------------------------------------------------------------------------ writing
 
 
