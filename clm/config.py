@@ -218,6 +218,10 @@ def _as_append_if_group(override: str) -> str:
     # `experiment` is not in the defaults list and Hydra would otherwise refuse it.
     if override.startswith("experiment="):
         return "+" + override
+    # `+model=NAME` (a preset of clm/conf/model): `model` is in the defaults list, so
+    # it is chosen there, not appended.
+    if override.startswith("+model="):
+        return override[1:]
     return override
 
 
