@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from clm.errors import UserError, run_command
-from clm.parallel import MeshShape, check_model_fits_mesh, mesh_shape, plan_parameters, sharding_rules
+from clm.parallel import MeshShape, check_model_fits_mesh, mesh_shape, plan_model
 from clm.parallel.mesh import axes_of
 
 GB = 1e9
@@ -130,12 +130,11 @@ class MemoryPlan:
 
 
 def memory_plan(cfg: DictConfig, hf_config, mesh: MeshShape) -> MemoryPlan:
-    from transformers import MixtralForCausalLM
+    from clm.model.build import meta_model
 
-    with torch.device("meta"):
-        model = MixtralForCausalLM(hf_config)
+    model = meta_model(hf_config)
     shapes = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
-    plan = plan_parameters(shapes, sharding_rules(cfg.sharding, hf_config.model_type), mesh)
+    plan = plan_model(model, cfg.sharding, mesh)
     b = torch.tensor([], dtype=getattr(torch, cfg.model.dtype)).element_size()
     param_bytes = sum(math.prod(e.local_shape) for e in plan) * b
     activations = activation_bytes(cfg, hf_config, mesh)

@@ -27,15 +27,12 @@ def worker(*args: str, devices: int) -> str:
 def build(overrides: list[str]):
     from clm import parallel, runtime
     from clm.config import load_config
-    from clm.model.build import build_model
-    from clm.model.config import load_model_config
+    from clm.model.build import build_sharded_model
 
     cfg = load_config(["model.dtype=float32", *overrides], num_devices=runtime.device_count)
     runtime.setup(None, False)
-    hf_config = load_model_config(cfg)
     shape = parallel.mesh_shape(runtime.device_count(), cfg.tensor_parallelism, cfg.expert_parallelism, 1)
-    mesh = parallel.build_mesh(shape)
-    return cfg, build_model(cfg, hf_config, lambda m: parallel.shard_parameters(m, mesh, cfg.sharding, shape))
+    return cfg, build_sharded_model(cfg, shape)
 
 
 @pytest.mark.parametrize("mesh", [[], ["tensor_parallelism=2", "expert_parallelism=2"]])
@@ -52,7 +49,22 @@ def test_init_is_the_same_on_one_and_eight_devices(tmp_path, mesh):
     assert torch.equal(one["model.norm.weight"], torch.ones_like(one["model.norm.weight"]))
     # A different seed, different values.
     _, reseeded = build(["seed=1"])
-    assert not torch.equal(reseeded.lm_head.weight.cpu(), eight["lm_head.weight"])
+    assert not torch.equal(reseeded.module.lm_head.weight.cpu(), eight["lm_head.weight"])
+
+
+def test_init_applies_transformers_parent_inits_too(tmp_path):
+    """transformers initialises bottom-up, and GPT-2's attention and MLP modules re-draw their
+    residual projection c_proj with std 0.02 / sqrt(2 * layers): clm's one-tensor-at-a-time init
+    must end with the parents' values too. (The tied output embedding is the input one.)"""
+    from families import write_family
+
+    directory = write_family(tmp_path / "gpt2", "gpt2", n_layer=8, tokenizer=False)
+    _, model = build([f"model.config_path={directory / 'config.json'}"])
+    state = {name: p.cpu() for name, p in model.named_parameters()}
+    assert state["transformer.h.0.attn.c_proj.weight"].std().item() == pytest.approx(0.02 / 4, rel=0.05)
+    assert state["transformer.h.0.mlp.c_proj.weight"].std().item() == pytest.approx(0.02 / 4, rel=0.05)
+    assert state["transformer.h.0.attn.c_attn.weight"].std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.module.lm_head.weight is model.module.transformer.wte.weight
 
 
 # Largest parameter: the embeddings / lm_head, 32000 x 2048 fp32 = 262 MB.
@@ -154,7 +166,7 @@ if __name__ == "__main__":
         import clm.config  # noqa: F401
         import clm.model.build  # noqa: F401
 
-        # Measured around build_model only: the imports and runtime start are the baseline.
+        # Measured around build_sharded_model only: the imports and runtime start are the baseline.
         before = _status("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := current RSS

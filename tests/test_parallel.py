@@ -73,22 +73,17 @@ def test_activation_checkpointing_keeps_every_gradient_including_the_routers():
     import torch_xla
 
     from clm import runtime
-    from clm.model import moe
-    from clm.model.build import build_model
+    from clm.model.build import build_sharded_model
 
     runtime.setup(None, False)
     grads = {}
     for checkpointed in (False, True):
         cfg = load_config([f"model.fsdp_config.xla_fsdp_grad_ckpt={checkpointed}", "max_length=32"], num_devices=8)
-        hf_config = load_model_config(cfg)
-        shape = parallel.mesh_shape(8, 1, 1, 1)
-        mesh = parallel.build_mesh(shape)
-        model = build_model(cfg, hf_config, lambda m: parallel.shard_parameters(m, mesh, cfg.sharding, shape))
+        model = build_sharded_model(cfg, parallel.mesh_shape(8, 1, 1, 1))
         input_ids = torch.arange(8 * 32).reshape(8, 32).remainder(1000).to(torch_xla.device())
-        logits = model(input_ids=input_ids).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
-        aux = moe.load_balancing_loss(moe.router_logits(model), hf_config.num_local_experts, hf_config.num_experts_per_tok)
-        (loss + hf_config.router_aux_loss_coef * aux).backward()
+        terms = model.loss_terms(input_ids, input_ids, cfg.pad_token_id)
+        assert terms.aux_loss_coef > 0
+        terms.loss.backward()
         torch_xla.sync()
         grads[checkpointed] = {name: p.grad.cpu() for name, p in model.named_parameters()}
     assert grads[True].keys() == grads[False].keys()
@@ -99,20 +94,15 @@ def test_activation_checkpointing_keeps_every_gradient_including_the_routers():
 def tile_shapes(overrides: list[str]) -> dict[str, str]:
     """The tile assignment XLA holds for one parameter of each kind, e.g. '[2,4]'."""
     import torch_xla
-    from transformers import MixtralForCausalLM
 
     from clm import runtime
+    from clm.model.build import build_sharded_model
 
     runtime.setup(None, False)
     cfg = load_config(overrides, num_devices=8)
-    hf_config = load_model_config(cfg)
     shape = parallel.mesh_shape(8, cfg.tensor_parallelism, cfg.expert_parallelism,
                                 1 if cfg.num_slices == -1 else cfg.num_slices)
-    mesh = parallel.build_mesh(shape)
-    with torch.device("meta"):
-        model = MixtralForCausalLM(hf_config)
-    model.to_empty(device=torch_xla.device())
-    parallel.shard_parameters(model, mesh, cfg.sharding, shape)
+    model = build_sharded_model(cfg, shape)
     tiles = {}
     for name, param in model.named_parameters():
         kind = re.sub(r"^model\.layers\.\d+\.", "", name)
@@ -187,6 +177,36 @@ def test_mesh_that_splits_heads_or_experts_unevenly_is_an_error(tmp_path):
     cfg = load_config([f"model.config_path={tmp_path / 'six.json'}", "expert_parallelism=4"], num_devices=8)
     with pytest.raises(UserError, match=r"expert_parallelism=4 must divide num_local_experts=6"):
         parallel.check_model_fits_mesh(parallel.mesh_shape(8, 1, 4, 1), load_model_config(cfg))
+
+
+@pytest.mark.parametrize("model_type, message", [
+    ("olmoe", "expert_parallelism=8 must divide num_experts=4"),
+    ("deepseek_v3", "expert_parallelism=8 must divide n_routed_experts=4"),
+    ("gpt2", "tensor_parallelism=8 must divide num_attention_heads=4"),
+    ("llama", "expert_parallelism=8: llama is a dense model (no experts); use expert_parallelism=1"),
+])
+def test_mesh_checks_read_each_familys_field_names(model_type, message):
+    from families import family_config
+
+    overrides = {"olmoe": {"num_experts": 4}, "deepseek_v3": {"n_routed_experts": 4, "n_group": 2}}
+    config = family_config(model_type, **overrides.get(model_type, {}))
+    tensor, expert = (8, 1) if model_type == "gpt2" else (1, 8)
+    with pytest.raises(UserError, match=re.escape(message)):
+        parallel.check_model_fits_mesh(parallel.mesh_shape(8, tensor, expert, 1), config)
+
+
+def test_every_family_has_a_rule_table_that_fits_it_both_ways():
+    """clm/conf/sharding/<model_type>.yaml of each tested family matches every parameter and
+    uses every rule (dense layers and shared experts included), on an fsdp x expert x tensor mesh."""
+    from families import FAMILIES, MOE_FAMILIES, family_config
+
+    from clm.model.build import meta_model
+
+    for model_type in FAMILIES:
+        model = meta_model(family_config(model_type))
+        mesh = parallel.MeshShape(1, 2, 2 if model_type in MOE_FAMILIES else 1, 2)
+        plan = parallel.plan_model(model, {}, mesh)
+        assert {entry.name for entry in plan} >= {name for name, _ in model.named_parameters()}, model_type
 
 
 def test_rule_table_fails_loudly():

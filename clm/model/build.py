@@ -301,14 +301,14 @@ def _checkpoint(routing: moe.Routing | None, layer_forward, *args):
 
     if not torch.is_grad_enabled():
         return layer_forward(*args)  # nothing to recompute
-    # MoE layers of this decoder layer: those whose router runs inside it.
     layers = [] if routing is None else routing.layers
-    before = {id(layer): layer.router_logits for layer in layers}
     outputs_of = {}
 
-    def run(*inputs):
+    def run(*inputs):  # also what the backward pass recomputes
+        before = [layer.router_logits for layer in layers]
         output = layer_forward(*inputs)
-        ran = [layer for layer in layers if layer.router_logits is not before[id(layer)]]
+        # The MoE layers of this decoder layer: those whose router ran just now.
+        ran = [layer for layer, logits in zip(layers, before) if layer.router_logits is not logits]
         outputs_of["ran"], outputs_of["tuple"] = ran, isinstance(output, tuple)
         output = output if isinstance(output, tuple) else (output,)
         outputs_of["count"] = len(output)

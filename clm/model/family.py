@@ -26,7 +26,8 @@ def is_moe(config) -> bool:
 
 def expert_count_field(config) -> str:
     """The field holding the expert count, for messages that name it."""
-    return next((f for f in EXPERT_COUNT_FIELDS if getattr(config, f, None)), EXPERT_COUNT_FIELDS[0])
+    field = next((f for f in EXPERT_COUNT_FIELDS if getattr(config, f, None)), EXPERT_COUNT_FIELDS[0])
+    return getattr(config, "attribute_map", {}).get(field, field)  # the family's own name, not an alias
 
 
 def num_attention_heads(config) -> int:

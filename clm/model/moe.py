@@ -261,21 +261,20 @@ def _fits_gmm_tiles(experts: torch.nn.Module, num_assignments: int) -> bool:
 # --------------------------------------------------------------- one model's routing
 
 
-def _router_recorder(model: torch.nn.Module) -> tuple[type | None, int]:
-    """The router class and output index that transformers records router logits from
-    (the family's `_can_record_outputs["router_logits"]`)."""
-    from transformers import PreTrainedModel
+def _router_recorder(experts: torch.nn.Module) -> tuple[type | None, int]:
+    """The router class and output index that transformers records router logits from: the
+    family's `_can_record_outputs["router_logits"]`, read from the experts' modeling module."""
     from transformers.utils.output_capturing import OutputRecorder
 
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel):
-            spec = (type(module)._can_record_outputs or {}).get("router_logits")
-            if isinstance(spec, list):
-                spec = spec[0]
-            if isinstance(spec, OutputRecorder):
-                return spec.target_class, spec.index
-            if isinstance(spec, type):
-                return spec, 1  # transformers' default index for outputs other than hidden states
+    for value in vars(sys.modules[type(experts).__module__]).values():
+        spec = (getattr(value, "_can_record_outputs", None) or {}) if isinstance(value, type) else {}
+        spec = spec.get("router_logits") if isinstance(spec, dict) else None
+        if isinstance(spec, list):
+            spec = spec[0]
+        if isinstance(spec, OutputRecorder):
+            return spec.target_class, spec.index
+        if isinstance(spec, type):
+            return spec, 1  # transformers' default index for outputs other than hidden states
     return None, 0
 
 
@@ -294,12 +293,12 @@ class Routing:
 
     def __init__(self, model: torch.nn.Module, capacity_factor: float,
                  constrain: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        router_class, logits_index = _router_recorder(model)
         self.layers: list[MoELayer] = []
         modules = dict(model.named_modules())
         for name, experts in modules.items():
             if not is_experts(experts):
                 continue
+            router_class, logits_index = _router_recorder(experts)
             block_name = name.rpartition(".")[0]
             block = modules[block_name]
             router = next((m for m in block.children() if router_class and isinstance(m, router_class)), None)

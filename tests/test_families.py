@@ -1,0 +1,381 @@
+"""Eight families end to end at tiny size, each written by transformers' own `save_pretrained`
+in its hub layout (tests/families.py): mixtral, qwen3_moe, olmoe, qwen2_moe, deepseek_v3,
+gpt_oss, llama, gpt2.
+
+Model computation (clm.model): (a) step-0 loss and logits equal transformers' own
+`from_pretrained` forward (dropless, fp32) on one device and on fsdp x tensor x expert meshes;
+(b) the capacity path with real drops equals a per-token loop written here, pass-through
+included; (c) three bf16 train steps: loss finite and falling, no recompilation after warm-up,
+finite router gradients with real drops; (d) a non-Mixtral family (DeepSeek-V3, with its
+correction bias updated every step) resumes bitwise; (e) bad input is one line and exit 2.
+
+One model build and one compiled program serve several assertions (module-scoped fixtures).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch_xla
+import torch_xla.debug.metrics as met
+
+from clm import parallel, runtime
+from clm.config import load_config
+from clm.errors import EXIT_USER_ERROR, run_command
+from clm.model import moe
+from clm.model.build import build_sharded_model
+from clm.parallel.placement import place
+from families import FAMILIES, MOE_FAMILIES, family_config, write_family
+
+REPO = Path(__file__).resolve().parents[1]
+BATCH, LENGTH = 8, 32
+# An fsdp x tensor x expert mesh of the 8 devices (dense models: no expert axis).
+MESHES = {"fsdp8": (1, 1), "fsdp2_tp2_ep2": (2, 2)}
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    return {name: write_family(root / name, name) for name in FAMILIES}
+
+
+def model_config(directory: Path, *overrides: str, devices: int = 8):
+    return load_config([f"model.config_path={directory / 'config.json'}", f"max_length={LENGTH}",
+                        f"global_train_batch_size={BATCH}", f"global_eval_batch_size={BATCH}", *overrides],
+                       num_devices=devices)
+
+
+def build(directory: Path, *overrides: str, tensor: int = 1, expert: int = 1, devices: int = 8):
+    """The family's model built by clm for a mesh, holding the weights of its directory (placed
+    one tensor at a time from transformers' `from_pretrained`: what its weight loader reads)."""
+    from transformers import AutoModelForCausalLM
+
+    runtime.setup(None, False)
+    cfg = model_config(directory, *overrides, f"tensor_parallelism={tensor}", f"expert_parallelism={expert}",
+                       devices=devices)
+    model = build_sharded_model(cfg, parallel.mesh_shape(devices, tensor, expert, 1))
+    reference = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, cfg.model.dtype))
+    state = reference.state_dict()
+    for name, placement in model.placements.items():
+        tensor_ = state[name]
+        target = model.module.get_parameter(name) if name in dict(model.named_parameters()) else \
+            model.module.get_buffer(name)
+        place(target, placement, lambda index: tensor_[index].to(target.dtype))
+    return cfg, model
+
+
+def tokens(seed: int, vocab: int = 32000) -> torch.Tensor:
+    return torch.randint(0, vocab, (BATCH, LENGTH), generator=torch.Generator().manual_seed(seed))
+
+
+def reference_forward(directory: Path, input_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """transformers' own model from the directory: stock experts, its default attention, fp32."""
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    with torch.no_grad():
+        output = reference(input_ids=input_ids, labels=input_ids)
+    return output.logits, output.loss.item()
+
+
+def clm_forward(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+    model.eval()
+    with torch.no_grad():
+        device_ids = input_ids.to(torch_xla.device())
+        logits = model(device_ids)
+        terms = model.loss_terms(device_ids, device_ids, -100)
+        torch_xla.sync()
+    return logits.cpu(), (terms.loss_sum / terms.num_scored).item()
+
+
+# ------------------------------------------------------------------ (a) equal to transformers
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_step0_loss_and_logits_equal_transformers(family_dirs, model_type, mesh):
+    tensor, expert = MESHES[mesh]
+    expert = expert if model_type in MOE_FAMILIES else 1
+    _, model = build(family_dirs[model_type], "model.capacity_factor=0" if model_type in MOE_FAMILIES else "seed=0",
+                     tensor=tensor, expert=expert)
+    input_ids = tokens(0)
+    logits, loss = clm_forward(model, input_ids)
+    expected_logits, expected_loss = reference_forward(family_dirs[model_type], input_ids)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=2e-5)
+    assert loss == pytest.approx(expected_loss, rel=1e-5)
+
+
+def test_step0_on_one_device_equals_transformers_for_every_family(family_dirs, tmp_path):
+    """The same on a single device: one process with CPU_NUM_DEVICES=1 for all eight families."""
+    env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
+    directories = json.dumps({name: str(path) for name, path in family_dirs.items()})
+    result = subprocess.run([sys.executable, __file__, "one_device", directories, str(tmp_path)],
+                            capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for model_type, directory in family_dirs.items():
+        saved = torch.load(tmp_path / f"{model_type}.pt")
+        expected_logits, expected_loss = reference_forward(directory, tokens(0))
+        torch.testing.assert_close(saved["logits"], expected_logits, rtol=1e-4, atol=2e-5, msg=model_type)
+        assert saved["loss"] == pytest.approx(expected_loss, rel=1e-5), model_type
+
+
+# ---------------------------------------------------------------- (b) capacity against a loop
+
+
+def loop_experts(experts, hidden, top_k_index, top_k_weights, sequence_length: int, capacity_factor: float):
+    """Per sequence, positions in order and each token's choices in order; an expert takes an
+    assignment while it holds fewer than C; a kept assignment adds its weight times the
+    family's own (transformers' eager) expert MLP of that token; a token whose every choice
+    was dropped passes its input through."""
+    eager = type(experts).forward.__wrapped__  # transformers' own experts forward
+    num_tokens, _ = hidden.shape
+    top_k = top_k_index.shape[1]
+    num_experts = experts.num_experts
+    capacity = max(1, int((sequence_length * top_k / num_experts) * capacity_factor))
+    output = hidden.clone()
+    dropped = 0
+    for start in range(0, num_tokens, sequence_length):
+        taken = [0] * num_experts
+        for t in range(start, start + sequence_length):
+            kept_any = False
+            for k in range(top_k):
+                e = int(top_k_index[t, k])
+                if taken[e] == capacity:
+                    dropped += 1
+                    continue
+                taken[e] += 1
+                if not kept_any:
+                    output[t] = 0
+                    kept_any = True
+                one = torch.ones(1, 1, dtype=top_k_weights.dtype)
+                output[t] += top_k_weights[t, k] * eager(experts, hidden[t:t + 1], torch.tensor([[e]]), one)[0]
+    return output, dropped
+
+
+def forced_moe_block(model_type: str):
+    """A family's first MoE block (clm's experts, capacity 1.25) and an input where sequence 0
+    sends every token to experts 3 and 5 (through a router direction: at C = 7 of 24 tokens its
+    later tokens lose both choices) and the others route randomly with overflows of their own."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = family_config(model_type)
+    config._experts_implementation = moe.EXPERTS_IMPLEMENTATION
+    model = AutoModelForCausalLM.from_config(config)
+    routing = moe.Routing(model, 1.25)
+    block = model.get_submodule(routing.layers[0].name)
+    for parameter in block.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)
+    router = next(m for name, m in block.named_children() if name in ("gate", "router"))
+    direction = torch.nn.functional.normalize(torch.randn(config.hidden_size), dim=0)
+    with torch.no_grad():
+        router.weight[3] += 30.0 * direction
+        router.weight[5] += 27.0 * direction
+    hidden = torch.randn(3, 24, config.hidden_size)
+    hidden -= (hidden @ direction).unsqueeze(-1) * direction
+    hidden[0] += 10 * direction
+    return block, router, hidden, routing
+
+
+def block_output(block, hidden):
+    output = block(hidden)
+    return output[0] if isinstance(output, tuple) else output
+
+
+@pytest.mark.parametrize("model_type", MOE_FAMILIES)
+def test_capacity_path_equals_a_per_token_loop(model_type):
+    """The whole MoE block (the family's router, shared expert, gate, scaling) with clm's
+    capacity experts, against the same block whose experts' output is the loop's."""
+    block, router, hidden, routing = forced_moe_block(model_type)
+    output = block_output(block, hidden)
+    experts = block.experts
+    record = {}
+
+    def loop_instead(module, args, kwargs, _):
+        record["output"], record["dropped"] = loop_experts(module, *args, 24, 1.25)
+        return record["output"]
+
+    handle = experts.register_forward_hook(loop_instead, with_kwargs=True)
+    expected = block_output(block, hidden)
+    handle.remove()
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
+
+    # Sequence 0: experts 3 and 5 for every token, so tokens 7.. lose both choices and the
+    # experts pass their input through; the random sequences drop some assignments too.
+    _, _, index = router(hidden[0])
+    assert sorted(index[0].tolist()) == [3, 5] and all(sorted(row.tolist()) == [3, 5] for row in index)
+    assert record["dropped"] > 2 * (24 - 7)
+    metrics = routing.metrics()
+    assert metrics["moe/drop_fraction"].item() == pytest.approx(record["dropped"] / (3 * 24 * 2))
+    assert metrics["moe/expert_load_max"].item() == 24
+
+    # The same on the XLA device (one small graph per family).
+    on_device = block.to(torch_xla.device())
+    torch.testing.assert_close(block_output(on_device, hidden.to(torch_xla.device())).cpu(), expected,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_pass_through_is_the_experts_identity():
+    """At the experts' boundary: a token with no kept choice comes out exactly as it went in."""
+    block, router, hidden, routing = forced_moe_block("deepseek_v3")
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    _, weights, index = router(flat)
+    routing.layers[0].sequence_length = 24
+    output = moe.capacity_experts_forward(block.experts, flat, index, weights, moe_layer=routing.layers[0])
+    assert torch.equal(output[7:24], flat[7:24])
+    assert not torch.equal(output[:7], flat[:7])
+
+
+# ------------------------------------------------------------------- (c) three bf16 steps
+
+
+def compile_count() -> int:
+    data = met.metric_data("CompileTime")
+    return data[0] if data else 0
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_three_bf16_train_steps(family_dirs, model_type):
+    """bf16, capacity factor 1 (real drops), the trainer's calls: the loss is finite and falls,
+    the third step compiles nothing, every gradient is finite and the routers get one."""
+    from clm.optim import build_optimizer
+
+    tensor, expert = MESHES["fsdp2_tp2_ep2"]
+    moe_knobs = ["model.capacity_factor=1.0"] if model_type in MOE_FAMILIES else []
+    cfg, model = build(family_dirs[model_type], "model.dtype=bfloat16", "lr=1e-2", *moe_knobs,
+                       tensor=tensor, expert=expert if model_type in MOE_FAMILIES else 1)
+    optimizer = build_optimizer(cfg, model.module)
+    model.train()
+    losses, compiles, drops = [], [], []
+    for step in range(3):
+        before = compile_count()
+        input_ids = tokens(step, vocab=64).to(torch_xla.device())  # a small vocabulary: quick to learn
+        terms = model.loss_terms(input_ids, input_ids, -100)
+        terms.loss.backward()
+        grads = {name: p.grad for name, p in model.named_parameters()}
+        optimizer.step()
+        model.update_router_bias()
+        optimizer.zero_grad(set_to_none=True)
+        torch_xla.sync()
+        losses.append(terms.loss.item())
+        drops.append(terms.router_metrics.get("moe/drop_fraction", torch.zeros(())).item())
+        compiles.append(compile_count() - before)
+        if step == 0:
+            for name, grad in grads.items():
+                assert grad is not None and torch.isfinite(grad.float().cpu()).all(), name
+            routers = [g for name, g in grads.items() if re.search(r"mlp\.(gate|router)\.weight$", name)]
+            assert len(routers) == (len(model.routing.layers) if model.is_moe else 0)
+            assert all(g.float().abs().sum().item() > 0 for g in routers)
+    assert all(math.isfinite(loss) for loss in losses)
+    assert losses[2] < losses[0], losses
+    assert compiles[2] == 0, compiles
+    if model.is_moe:
+        assert all(0 < drop < 1 for drop in drops), drops  # real drops, every step
+
+
+# ------------------------------------------------------------------ (d) resume bitwise
+
+
+def test_deepseek_resumes_bitwise_with_its_correction_bias(family_dirs, tmp_path):
+    """DeepSeek-V3 with aux-loss-free balancing: stopped after step 2 (kill switch) and resumed,
+    it ends exactly as the uninterrupted run, correction biases included, and the biases moved."""
+    from clm import checkpoint
+    from clm.train import train
+
+    def config(output_dir, *overrides):
+        return model_config(family_dirs["deepseek_v3"], f"output_dir={output_dir}", "max_steps=4",
+                            "eval_frequency=100", "do_first_eval=false", "n_eval_examples=8", "per_device_train_batch_size=1",
+                            "model.router_bias_update=true", "model.router_bias_update_rate=0.01",
+                            "model.capacity_factor=1.0", "wandb.mode=disabled", *overrides, devices=8)
+
+    uninterrupted = config(tmp_path / "uninterrupted")
+    assert train(uninterrupted).steps == 4
+    switch = tmp_path / "STOP"
+    switch.touch()
+    resumed = config(tmp_path / "resumed", f"kill_switch_path={switch}")
+    assert train(resumed).steps == 1
+    switch.unlink()
+    assert train(resumed).steps == 4
+
+    def final_state(cfg):
+        step_dir = Path(cfg.checkpoint_dir) / "4"
+        shapes = checkpoint.tensor_shapes(str(step_dir))
+        state = {"model": {k[6:]: torch.empty(s) for k, s in shapes.items() if k.startswith("model.")}}
+        return checkpoint.read_items(str(step_dir), state)["model"]
+
+    a, b = final_state(uninterrupted), final_state(resumed)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    biases = [name for name in a if name.endswith("e_score_correction_bias")]
+    assert biases and all(a[name].abs().sum() > 0 for name in biases)
+
+
+# -------------------------------------------------------------------- (e) bad input
+
+
+def run_clm(*argv: str) -> int:
+    spec = importlib.util.spec_from_file_location("run_clm", REPO / "run_clm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return run_command(lambda: module.main(list(argv)))
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in "\n".join(err), err
+    return errors[0]
+
+
+def test_a_family_without_sharding_rules_is_one_line(tmp_path, capsys):
+    directory = write_family(tmp_path / "qwen2", "llama", tokenizer=False)
+    fields = json.loads((directory / "config.json").read_text()) | {"model_type": "qwen2",
+                                                                      "architectures": ["Qwen2ForCausalLM"]}
+    (directory / "config.json").write_text(json.dumps(fields))
+    code = run_clm(f"model.config_path={directory / 'config.json'}", f"output_dir={tmp_path / 'out'}")
+    line = one_error_line(capsys)
+    assert code == EXIT_USER_ERROR
+    assert "model_type 'qwen2' has no sharding rules" in line and "model.embed_tokens.weight" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("knob, message", [
+    ("model.capacity_factor=0.5", "model.capacity_factor=0.5: llama is a dense model"),
+    ("expert_parallelism=2", "expert_parallelism=2: llama is a dense model"),
+    ("model.router_bias_update=true", "model.router_bias_update=true: llama has no routing correction bias"),
+])
+def test_moe_knobs_on_a_dense_model_are_one_line(family_dirs, tmp_path, capsys, knob, message):
+    code = run_clm(f"model.config_path={family_dirs['llama'] / 'config.json'}", knob, f"output_dir={tmp_path}")
+    assert code == EXIT_USER_ERROR
+    assert message in one_error_line(capsys)
+    assert not list(tmp_path.iterdir())
+
+
+def test_router_bias_update_needs_a_correction_bias(family_dirs, tmp_path, capsys):
+    code = run_clm(f"model.config_path={family_dirs['mixtral'] / 'config.json'}", "model.router_bias_update=true",
+                   f"output_dir={tmp_path}")
+    assert code == EXIT_USER_ERROR
+    assert "mixtral has no routing correction bias" in one_error_line(capsys)
+
+
+# ------------------------------------------------------------------- subprocess worker
+
+
+if __name__ == "__main__":
+    mode, directories, out = sys.argv[1:]
+    if mode == "one_device":
+        for model_type, directory in json.loads(directories).items():
+            moe_knob = "model.capacity_factor=0" if model_type in MOE_FAMILIES else "seed=0"
+            _, model = build(Path(directory), moe_knob, devices=1)
+            logits, loss = clm_forward(model, tokens(0))
+            torch.save({"logits": logits, "loss": loss}, Path(out) / f"{model_type}.pt")
