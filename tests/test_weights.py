@@ -22,7 +22,8 @@ from hub_layout import hub_tensors, write_hub_checkpoint  # noqa: E402
 TINY = json.loads((REPO / "clm/model/configs/mixtral_tiny.json").read_text())
 # Dropless experts and fp32 matmuls: the harness's forward equals transformers' stock one.
 EXACT = ["model.capacity_factor=0", "full_precision=true", "model.dtype=float32", "max_length=32"]
-INPUT_IDS = (torch.arange(2 * 24).reshape(2, 24) * 37) % 32000
+# Eight rows: the batch splits over the data axes of every mesh tested.
+INPUT_IDS = (torch.arange(8 * 24).reshape(8, 24) * 37) % 32000
 MESHES = {"1 device": (1, []), "fsdp8": (8, []), "fsdp2_tp2_ep2": (8, ["tensor_parallelism=2", "expert_parallelism=2"])}
 
 
