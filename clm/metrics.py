@@ -79,19 +79,35 @@ def is_moe_layer(config, layer: int) -> bool:
     return (layer + 1) % (getattr(config, "decoder_sparse_step", None) or 1) == 0
 
 
+def mlp_matrices(config) -> int:
+    """Weight matrices of one MLP or expert: 3 gated (gate, up, down), 2 ungated (up, down)."""
+    return 2 if config.model_type in UNGATED_MLP else 3
+
+
+def dense_mlp_width(config) -> int:
+    return getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * config.hidden_size
+
+
+def expert_width(config) -> int:
+    return getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+
+
+def shared_expert_width(config) -> int:
+    """All shared experts of an MoE layer together: DeepSeek's n_shared_experts of expert width,
+    Qwen2-MoE's one of shared_expert_intermediate_size; 0 for the others."""
+    return ((getattr(config, "n_shared_experts", None) or 0) * expert_width(config)
+            + (getattr(config, "shared_expert_intermediate_size", None) or 0))
+
+
 def mlp_weights(config, layer: int) -> int:
-    H = config.hidden_size
-    matrices = 2 if config.model_type in UNGATED_MLP else 3
+    H, matrices = config.hidden_size, mlp_matrices(config)
     if not is_moe_layer(config, layer):
-        intermediate = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * H
-        return matrices * H * intermediate
+        return matrices * H * dense_mlp_width(config)
     E, K = family.num_experts(config), config.num_experts_per_tok
-    expert = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
-    total = H * E + K * matrices * H * expert  # router, then K routed experts
-    total += (getattr(config, "n_shared_experts", None) or 0) * matrices * H * expert  # DeepSeek
-    shared = getattr(config, "shared_expert_intermediate_size", None) or 0  # Qwen2-MoE, with its H -> 1 gate
-    if shared:
-        total += matrices * H * shared + H
+    total = H * E + K * matrices * H * expert_width(config)  # router, then K routed experts
+    total += matrices * H * shared_expert_width(config)
+    if getattr(config, "shared_expert_intermediate_size", None):
+        total += H  # Qwen2-MoE's shared-expert gate, H -> 1
     return total
 
 
