@@ -121,6 +121,13 @@ class Lazy:
     def children(self) -> list[Lazy]:
         return []
 
+    def __getattr__(self, name: str):
+        # Tensor methods (tensor.reshape(...)) go where torch functions go.
+        method = getattr(torch.Tensor, name, None)
+        if method is None or name.startswith("_"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: Lazy.__torch_function__(method, (type(self),), (self, *args), kwargs)
+
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
