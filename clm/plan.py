@@ -63,15 +63,16 @@ def activation_bytes(cfg: DictConfig, hf_config, mesh: MeshShape) -> dict[str, f
     """Per-device activation estimate for one micro-batch, forward and backward.
 
     tokens = rows per device x S. Per layer, with b bytes per element, tp = tensor size, d_qk and
-    d_v the query/key and value head dims (MLA's own for DeepSeek), m the MLP's matrices (3 gated,
-    2 not), as clm.metrics reads them from the config:
+    d_v the query/key and value head dims (MLA's own for DeepSeek), m the MLP's intermediate
+    activations per token in units of its width (gate, up, activated: 3 gated; 2 not), as
+    clm.metrics reads them from the config:
       saved input     tokens*H*b                                  (all an activation-checkpointed layer keeps)
       attention       tokens*(Hq*d_qk + Hkv*(d_qk + d_v) + Hq*d_v)/tp*b   (q, k, v, output; flash keeps no
                       + rows*Hq/tp*S*S*b without flash attention)          S x S scores)
-      MoE layer       slots*(2*H + (m-1)*I_e/tp)*b, slots = tokens*K*cf   (dispatched, gate/up, activated,
-                      + tokens*(m-1)*I_shared/tp*b                        output; dropless: cf = 1 with the
-                                                                          grouped matmul; shared experts)
-      dense layer     tokens*(m-1)*I/tp*b
+      MoE layer       slots*(2*H + m*I_e/tp)*b, slots = tokens*K*cf   (dispatched, gate/up, activated,
+                      + tokens*m*I_shared/tp*b                          output; dropless: cf = 1 with the
+                                                                        grouped matmul; shared experts)
+      dense layer     tokens*m*I/tp*b
       other           4*tokens*H*b                                (norms, residuals)
     One layer is the largest of them. Backward needs about as much again as the forward of the
     layer it differentiates. Logits: tokens*V/tp*(b + 4 + 4) (model dtype, fp32 for the loss, fp32
@@ -87,7 +88,7 @@ def activation_bytes(cfg: DictConfig, hf_config, mesh: MeshShape) -> dict[str, f
     Hq, Hkv = family.num_attention_heads(hf_config), family.num_key_value_heads(hf_config)
     d_qk, d_v = metrics.attention_head_dims(hf_config)
     cf = cfg.model.capacity_factor if cfg.model.capacity_factor > 0 else 1.0
-    intermediates = metrics.mlp_matrices(hf_config) - 1  # gate and up, or up, per token
+    intermediates = metrics.mlp_matrices(hf_config)  # gate, up and activated; or up and activated
 
     saved_input = tokens * H * b
     attention = tokens * (Hq * d_qk + Hkv * (d_qk + d_v) + Hq * d_v) / tp * b
