@@ -644,7 +644,8 @@ def test_flops_per_token_against_the_model_and_attention_by_hand(model_type):
 
 # Each preset on a topology where it fits, as a user would plan it.
 PRESET_PLANS = {
-    "mixtral_8x7b": ["v5p-128", "model.dtype=bfloat16", "max_length=4096", "per_device_train_batch_size=1"],
+    "mixtral_8x7b": ["v5p-128", "model.dtype=bfloat16", "max_length=4096", "per_device_train_batch_size=1",
+                     "model.fsdp_config.xla_fsdp_grad_ckpt=true"],
     "mixtral_8x22b": ["v5p-256", "model.dtype=bfloat16", "max_length=4096", "per_device_train_batch_size=1",
                       "model.fsdp_config.xla_fsdp_grad_ckpt=true"],
     "qwen3_30b_a3b": ["v5p-256", "model.dtype=bfloat16", "max_length=4096", "per_device_train_batch_size=1"],
