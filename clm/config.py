@@ -39,7 +39,6 @@ WANDB_MODES = ("offline", "online", "disabled")
 @dataclass
 class FsdpConfig:
     fsdp_transformer_layer_cls_to_wrap: list[str] = MISSING
-    min_num_params: int = MISSING
     xla_fsdp_grad_ckpt: bool = MISSING
 
 
@@ -120,6 +119,7 @@ class Config:
     optimizer: str = MISSING
     prime_optimizer: bool = MISSING
     weight_decay: float = MISSING
+    weight_decay_norms_and_biases: bool = MISSING
     eval_frequency: int = MISSING
     checkpoint_manager_path: Optional[str] = MISSING
     checkpoint_every: int = MISSING

@@ -30,7 +30,8 @@ import torch_xla.debug.metrics as met
 
 from clm import parallel, runtime
 from clm.config import load_config
-from clm.errors import EXIT_USER_ERROR, run_command
+from clm.cli import run_command
+from clm.errors import EXIT_USER_ERROR
 from clm.model import moe
 from clm.model.build import build_sharded_model
 from clm.parallel.placement import place

@@ -18,7 +18,7 @@ from clm.data.eval_set import build_eval_set
 from clm.data.sources import FileListing, is_file_source, list_split, validate_dataset
 from clm.data.tokenizer import load_model_tokenizer
 from clm.data.train_stream import build_train_stream
-from clm.errors import run_command
+from clm.cli import run_command
 from clm.model.config import load_model_config
 
 SHOWN_PATHS = 5
