@@ -236,7 +236,7 @@ class Trainer:
             (terms.loss / accum).backward()
             lm_losses.append(terms.lm_loss.detach())
             aux_losses.append(terms.aux_loss.detach())
-            tokens.append(terms.num_scored)
+            tokens.append((labels != cfg.pad_token_id).sum())
             if micro_step < accum - 1:
                 # One graph per micro-batch keeps one micro-batch of activations alive.
                 torch_xla.sync()

@@ -147,11 +147,12 @@ class ShardedModel:
 
 
 def meta_model(hf_config):
-    """transformers' model class for the config, on the meta device (nothing allocated)."""
+    """transformers' model class for the config, on the meta device (nothing allocated), in
+    fp32 whatever the config's dtype (the builder casts the parameters to model.dtype)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(hf_config)
+        return AutoModelForCausalLM.from_config(copy.deepcopy(hf_config), dtype=torch.float32)  # it sets dtype
 
 
 def check_model(cfg: DictConfig, hf_config, mesh_shape: parallel.MeshShape):
@@ -249,9 +250,15 @@ def build_sharded_model(cfg: DictConfig, mesh_shape: parallel.MeshShape, hf_conf
         from torch_xla.distributed.spmd.xla_sharding import MarkShardingFunction
 
         spec = parallel.expert_activation_spec()
-        # Differentiable, so that the constraint holds in the backward pass too.
-        routing = moe.Routing(module, cfg.model.capacity_factor,
-                              constrain=lambda tensor: MarkShardingFunction.apply(tensor, mesh, spec))
+        batch_shards = mesh_shape.dcn * mesh_shape.fsdp
+
+        def constrain(tensor):
+            # Differentiable, so that the constraint holds in the backward pass too. A batch
+            # the mesh cannot split evenly (never the trainer's) is left to XLA: an uneven
+            # split of these buffers trips an assertion in XLA's SPMD partitioner.
+            return MarkShardingFunction.apply(tensor, mesh, spec) if tensor.shape[0] % batch_shards == 0 else tensor
+
+        routing = moe.Routing(module, cfg.model.capacity_factor, constrain=constrain)
     if cfg.model.fsdp_config.xla_fsdp_grad_ckpt:
         enable_activation_checkpointing(module, routing)
     rate = cfg.model.router_bias_update_rate if cfg.model.router_bias_update else None
@@ -259,15 +266,14 @@ def build_sharded_model(cfg: DictConfig, mesh_shape: parallel.MeshShape, hf_conf
 
 
 def _cast(module, dtype: torch.dtype) -> None:
-    """The model in `dtype`, except what the family keeps in fp32 whatever the dtype
-    (`_keep_in_fp32_modules_strict`, e.g. DeepSeek-V3's correction bias), as from_pretrained does."""
-    module.to(dtype)
+    """Parameters in `dtype`, except those the family keeps in fp32 whatever the dtype
+    (`_keep_in_fp32_modules_strict`), as from_pretrained does. Buffers keep the dtype the
+    model computes them in (rotary frequencies and DeepSeek's correction bias in fp32)."""
     keep = getattr(module, "_keep_in_fp32_modules_strict", None) or ()
-    if dtype in (torch.float16, torch.bfloat16) and keep:
-        pattern = re.compile(rf"(^|\.)({'|'.join(map(re.escape, keep))})($|\.)")
-        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-            if pattern.search(name):
-                tensor.data = tensor.data.float()
+    pattern = re.compile(rf"(^|\.)({'|'.join(map(re.escape, keep))})($|\.)") if keep else None
+    for name, parameter in module.named_parameters():
+        if parameter.is_floating_point():
+            parameter.data = parameter.data.to(torch.float32 if pattern and pattern.search(name) else dtype)
 
 
 # ---------------------------------------------------------------- activation checkpointing
