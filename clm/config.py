@@ -40,7 +40,6 @@ WANDB_MODES = ("offline", "online", "disabled")
 @dataclass
 class FsdpConfig:
     fsdp_transformer_layer_cls_to_wrap: list[str] = MISSING
-    min_num_params: int = MISSING
     xla_fsdp_grad_ckpt: bool = MISSING
 
 
@@ -132,6 +131,7 @@ class Config:
     optimizer: str = MISSING
     prime_optimizer: bool = MISSING
     weight_decay: float = MISSING
+    weight_decay_norms_and_biases: bool = MISSING
     adam_beta1: float = MISSING
     adam_beta2: float = MISSING
     adam_eps: float = MISSING

@@ -16,16 +16,18 @@ from clm.config import XLA_ADAMW
 def build_optimizer(cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """AdamW (torch_xla's syncfree variant for ADAMW_TORCH_XLA) or any torch.optim class by name.
 
-    Biases and norm weights (every parameter with fewer than 2 dims) get no weight decay.
-    (The reference meant to do the same, but its name patterns match no Mixtral parameter.)
+    Weight decay as the reference's code applies it: to every parameter. (Its no-decay name
+    patterns, `bias` and `layer_norm.weight`, match no Mixtral parameter; docs/design.md.)
+    weight_decay_norms_and_biases=false exempts biases and every 1-D parameter (norm
+    weights), Megatron-LM's rule, which the Megatron-based references such as gpt_oss_20b use.
     """
-    decay, no_decay = [], []
-    for param in model.parameters():
-        (decay if param.dim() >= 2 else no_decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    if cfg.weight_decay_norms_and_biases:
+        groups = [{"params": list(model.parameters()), "weight_decay": cfg.weight_decay}]
+    else:
+        decay, no_decay = [], []
+        for name, param in model.named_parameters():
+            (no_decay if name.endswith("bias") or param.dim() < 2 else decay).append(param)
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == XLA_ADAMW:
         from torch_xla.amp.syncfree import AdamW
 

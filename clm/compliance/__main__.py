@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from clm.errors import run_command
+from clm.cli import run_command
 
 
 def main(argv: list[str]) -> None:

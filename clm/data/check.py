@@ -15,7 +15,7 @@ import sys
 from clm.config import load_config
 from clm.data import build_eval_set, build_train_stream, hf_datasets, is_pretokenized, megatron, tokenizer_for
 from clm.data.sources import FileListing, is_file_source, list_split, validate_dataset
-from clm.errors import run_command
+from clm.cli import run_command
 
 SHOWN_PATHS = 5
 SHOWN_CHARS = 300

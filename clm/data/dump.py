@@ -22,7 +22,8 @@ import numpy as np
 
 from clm import data
 from clm.config import load_config
-from clm.errors import UserError, run_command
+from clm.cli import run_command
+from clm.errors import UserError
 
 
 def first_samples(cfg, count: int, process_count: int = 1) -> np.ndarray:

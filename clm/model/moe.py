@@ -4,7 +4,7 @@
 at `experts_forward` below, which replaces the body of HF's `MixtralExperts.forward`
 (the router, `MixtralTopKRouter`, stays HF's: fp32 softmax, top-k, renormalised k weights).
 
-Semantics (the MLPerf reference's "dropped" Mixtral, DESIGN.md "Capacity-factor MoE"):
+Semantics (the MLPerf reference's "dropped" Mixtral, docs/design.md "Capacity-factor MoE"):
 - Capacity per sequence and expert: the reference's `C = int((S * K / E) * cf)`, capped at
   S (which changes nothing: no expert can be chosen more than S times in a sequence). Where
   that is 0 (S <= 3 at Mixtral's K=2, E=8, cf=1.25) clm keeps 1 slot, so a short sequence
