@@ -10,7 +10,7 @@ Related: python -m clm.plan TOPOLOGY [overrides]    python -m clm.data.check [ov
 
 import sys
 
-from clm.errors import run_command
+from clm.cli import run_command
 
 
 def main(argv: list[str]) -> int | None:

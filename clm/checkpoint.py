@@ -32,7 +32,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from clm import runtime, storage
-from clm.errors import UserError, run_command
+from clm.cli import run_command
+from clm.errors import UserError
+from clm.storage import filesystem
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ DCP_METADATA = ".metadata"
 # Knobs that may differ between a checkpoint's run and the run that resumes it: they change
 # how long, how often or where, not what is computed. Any other difference is refused.
 MAY_CHANGE_ON_RESUME = (
-    "max_steps", "eval_frequency", "log_frequency", "do_first_eval", "target_eval_loss",
+    "max_steps", "eval_frequency", "eval_samples_interval", "log_frequency", "do_first_eval", "target_eval_loss",
     "checkpoint_every", "checkpoint_dir", "checkpoints_to_keep", "async_checkpoint", "resume",
     "allow_config_change", "kill_switch_path", "xla_profile_step", "output_dir", "run_dir", "exp_name",
     "local_compile_cache_dir", "cache_local_dir", "tensor_parallelism", "expert_parallelism",
@@ -58,15 +60,6 @@ MAY_CHANGE_ON_RESUME = (
 
 
 # ------------------------------------------------------------------------ locating
-
-
-def filesystem(path: str):
-    # gcsfs's experimental zonal-bucket support probes endpoints that plain buckets (and the
-    # GCS emulator) do not have.
-    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-    import fsspec
-
-    return fsspec.core.url_to_fs(path)
 
 
 def step_directories(directory: str) -> dict[int, bool]:
@@ -127,7 +120,10 @@ def storage_reader(step_directory: str):
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
-    return FsspecReader(step_directory) if storage.is_gcs(step_directory) else FileSystemReader(step_directory)
+    if not storage.is_gcs(step_directory):
+        return FileSystemReader(step_directory)
+    filesystem(step_directory)  # gcsfs set up by clm.storage before torch reaches it through fsspec
+    return FsspecReader(step_directory)
 
 
 def read_items(step_directory: str, items: dict) -> dict:
@@ -219,6 +215,7 @@ def checkpoint_manager(path: str, keep: int = 0):
     from torch_xla.experimental.distributed_checkpoint import CheckpointManager
 
     runtime.init_process_group()
+    filesystem(path)  # gcsfs set up by clm.storage before the manager reaches gs:// through fsspec
     # Preemption detection is the trainer's (clm.preemption), on every device type.
     with runtime.quiet_native_stdout():  # the manager makes a gloo subgroup, which prints
         return CheckpointManager(path, save_interval=sys.maxsize, max_to_keep=keep, chkpt_on_preemption=False)

@@ -20,8 +20,10 @@ import re
 import sys
 import warnings
 
-from clm.checkpoint import DCP_METADATA, filesystem, newest_complete, storage_reader
-from clm.errors import UserError, run_command
+from clm.checkpoint import DCP_METADATA, newest_complete, storage_reader
+from clm.cli import run_command
+from clm.errors import UserError
+from clm.storage import filesystem
 
 MODEL_KEY = "model"  # the state dict entry holding model.state_dict(); other entries are ignored
 
@@ -48,8 +50,6 @@ def resolve_step_dir(path: str) -> str:
 
 
 def _config_fields(step_dir: str, config: str | None) -> dict:
-    from fsspec.core import url_to_fs
-
     from clm.model.config import resolve_config_path
 
     if config:
@@ -57,7 +57,7 @@ def _config_fields(step_dir: str, config: str | None) -> dict:
 
         candidate = os.path.join(config, "config.json") if os.path.isdir(config) else config
         return json.loads(resolve_config_path(candidate).read_text())
-    fs, raw = url_to_fs(step_dir)
+    fs, raw = filesystem(step_dir)
     for candidate in (f"{raw.rstrip('/')}/config.json", f"{raw.rstrip('/').rsplit('/', 1)[0]}/config.json"):
         if fs.exists(candidate):
             with fs.open(candidate, "r") as f:

@@ -9,8 +9,8 @@ import threading
 
 from transformers import MixtralConfig
 
-# Peak dense bf16 TFLOP/s per chip (DESIGN.md). Unknown hardware gets no MFU rather than a guess.
-PEAK_TFLOPS = {"v4": 275.0, "v5e": 197.0, "v5p": 459.0, "v6e": 918.0}
+from clm import tpu
+
 
 
 def training_flops_per_token(config: MixtralConfig, seq_len: int) -> float:
@@ -29,10 +29,12 @@ def reference_flops_per_token(config: MixtralConfig, num_params: int) -> float:
 
 
 def mfu(flops_per_token: float, tokens_per_sec: float, num_chips: int, device_kind: str) -> float | None:
-    peak = PEAK_TFLOPS.get(device_kind)
-    if peak is None:
+    """Model FLOPs utilization over the chips' peak bf16 FLOP/s (clm.tpu); None on hardware without a
+    known peak, such as a CPU, rather than a guess."""
+    generation = tpu.generation(device_kind)
+    if generation is None:
         return None
-    return flops_per_token * tokens_per_sec / (num_chips * peak * 1e12)
+    return flops_per_token * tokens_per_sec / (num_chips * generation.peak_bf16_tflops * 1e12)
 
 
 class MetricsWriter:

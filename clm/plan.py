@@ -19,15 +19,13 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig
 
-from clm.errors import UserError, run_command
+from clm import tpu
+from clm.cli import run_command
+from clm.errors import UserError
 from clm.parallel import MeshShape, check_model_fits_mesh, mesh_shape, plan_model
 from clm.parallel.mesh import axes_of
 
 GB = 1e9
-# HBM per chip (GB) and TensorCores per chip: a v4/v5p topology name counts TensorCores
-# (v5p-256 is 128 chips); v5e/v6e names count chips.
-CHIPS = {"v4": (32, 2), "v5p": (95, 2), "v5e": (16, 1), "v6e": (32, 1)}
-ALIASES = {"v5litepod": "v5e", "v6litepod": "v6e"}
 # Headroom left for XLA's own buffers and fragmentation when saying "fits".
 USABLE_FRACTION = 0.9
 
@@ -46,15 +44,16 @@ class Topology:
 
 
 def parse_topology(text: str) -> Topology:
-    match = re.fullmatch(r"(?:(\d+)x)?(v\d+[a-z]*)-(\d+)", text)
-    kind = ALIASES.get(match.group(2), match.group(2)) if match else None
-    if kind not in CHIPS:
+    """'v5p-256' (one slice) or '2xv5p-256' (two slices): clm.tpu's accelerator-type names."""
+    match = re.fullmatch(r"(?:(\d+)x)?(.+)", text)
+    parsed = tpu.parse_accelerator_type(match.group(2))
+    if parsed is None:
         raise UserError(
             f"topology '{text}': use e.g. v5p-256, v4-8, v5e-16, v6e-256, or 2xv5p-256 for two slices "
-            f"(chips: {', '.join(CHIPS)})"
+            f"(generations: {tpu.names()})"
         )
-    hbm, cores_per_chip = CHIPS[kind]
-    return Topology(text, kind, int(match.group(1) or 1), int(match.group(3)) // cores_per_chip, hbm)
+    generation, chips = parsed
+    return Topology(text, generation.name, int(match.group(1) or 1), chips, generation.hbm_gb)
 
 
 def activation_bytes(cfg: DictConfig, hf_config, mesh: MeshShape) -> dict[str, float]:
@@ -252,9 +251,10 @@ def preflight(cfg: DictConfig, hf_config, mesh: MeshShape, device_type: str, dev
     """Before anything is allocated: on CPU a run that cannot fit the host is one error line with
     an override that fits; on TPU the planner's HBM verdict is a warning (activations are estimated)."""
     if device_type == "TPU":
-        if device_kind in CHIPS:
+        generation = tpu.generation(device_kind)
+        if generation is not None:
             total = memory_plan(cfg, hf_config, mesh).total
-            hbm = CHIPS[device_kind][0] * GB
+            hbm = generation.hbm_gb * GB
             if total > USABLE_FRACTION * hbm:
                 print(f"warning: the planner estimates {total / GB:.1f} GB per chip, over {USABLE_FRACTION:.0%} of "
                       f"{hbm / GB:g} GB HBM; see python -m clm.plan", file=sys.stderr)

@@ -15,7 +15,8 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 
-from clm.errors import UserError, run_command
+from clm.cli import run_command
+from clm.errors import UserError
 
 WARMUP_STEPS = 2  # the trainer's: their timing includes compilation
 WINDOW = 5

@@ -12,6 +12,8 @@ import sys
 import tempfile
 import time
 
+from clm import tpu
+
 DEFAULT_CPU_DEVICES = "4"
 
 
@@ -87,10 +89,9 @@ def device_kind() -> str:
 
     if xr.device_type() != "TPU":
         return xr.device_type()
-    from torch_xla._internal import tpu
+    from torch_xla._internal import tpu as xla_tpu
 
-    kind = tpu.get_tpu_type()
-    return {"v5litepod": "v5e", "v6litepod": "v6e"}.get(kind, kind)
+    return tpu.canonical(xla_tpu.get_tpu_type())
 
 
 def on_tpu(tensor) -> bool:

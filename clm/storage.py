@@ -1,14 +1,15 @@
-"""Local paths and gs:// URLs behind one small API.
+"""Local paths and gs:// URLs behind one small API: the one place that knows about GCS.
 
-The data pipeline reads through here, so a dataset can live on local disk or in Google
-Cloud Storage alike. (Checkpoints go through torch_xla's CheckpointManager, which
-reaches gs:// by fsspec.)
-GCS goes through google-cloud-storage, which honours STORAGE_EMULATOR_HOST (tests point
-it at gcp-storage-emulator). Objects are streamed in chunks, never downloaded whole.
+Everything that reads or writes gs:// goes through here: the data sources, checkpoints
+(torch.distributed.checkpoint's fsspec reader and torch_xla's CheckpointManager, which
+reach gs:// by fsspec), clm.convert. GCS is fsspec's gcsfs, the library CheckpointManager
+needs anyway (docs/design.md, "One gs:// stack"); it honours STORAGE_EMULATOR_HOST (tests
+point it at gcp-storage-emulator). Objects are read in blocks, never downloaded whole.
 
-`open` moves bytes as stored: it does not decompress; readers that accept gzip detect it
-themselves (clm.data.sources). A missing object or a denied permission is a UserError
-naming the bucket and the object.
+`open` moves bytes as stored: it does not decompress, even objects uploaded with
+Content-Encoding: gzip; readers that accept gzip detect it themselves (clm.data.sources).
+A missing bucket or object, or a denied permission, is a UserError naming the bucket and
+the object.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ from __future__ import annotations
 import builtins
 import contextlib
 import fnmatch
-import functools
 import glob as local_glob
-import io
+import logging
 import os
 import tempfile
 from typing import IO, Iterator
@@ -46,52 +46,51 @@ def join(base: str, *names: str) -> str:
     return os.path.join(base, *names)
 
 
+def filesystem(path: str):
+    """(fsspec filesystem, path within it) for a local path or a gs:// URL."""
+    if is_gcs(path):
+        split_gcs(path)  # a bucket name is required
+        return _gcs(), path[len(GCS_PREFIX):]
+    from fsspec.implementations.local import LocalFileSystem
+
+    return LocalFileSystem(), path
+
+
 def open(path: str, mode: str = "rb") -> IO:  # noqa: A001 - mirrors builtins.open on purpose
     """Open for reading ("r", "rb") or writing ("w", "wb"); text modes are UTF-8."""
     if mode not in ("r", "rb", "w", "wb"):
         raise ValueError(f"storage.open supports modes r, rb, w, wb, not {mode!r}")
+    text = {} if "b" in mode else {"encoding": "utf-8"}
     if not is_gcs(path):
         try:
-            return builtins.open(path, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+            return builtins.open(path, mode, **text)
         except FileNotFoundError:
             if mode.startswith("w"):
                 raise  # a missing parent directory: the caller's bug
             raise UserError(f"{path}: no such file") from None
         except PermissionError:
             raise UserError(f"{path}: permission denied for this user") from None
-    bucket_name, name = split_gcs(path)
+    fs, name = filesystem(path)
     with _gcs_errors(path):
-        bucket = _client().bucket(bucket_name)
-        if mode.startswith("w"):
-            return bucket.blob(name).open(mode, encoding=None if "b" in mode else "utf-8")
-        # Fetching the metadata pins the generation, so a concurrent overwrite cannot
-        # splice two versions into one read, and turns a missing object into one clear error.
-        blob = bucket.get_blob(name)
-        if blob is None:
-            raise _not_found(path)
-        # raw_download: the bytes as stored, even for objects uploaded with
-        # Content-Encoding: gzip (GCS would otherwise decompress them on the fly).
-        reader = blob.open("rb", raw_download=True)
-    return reader if mode == "rb" else io.TextIOWrapper(reader, encoding="utf-8")
+        if mode.startswith("r"):
+            info = _info(path)
+            if info is None or info["type"] != "file":
+                raise _not_found(path)
+        return fs.open(name, mode, **text)
 
 
 def exists(path: str) -> bool:
     """True for an existing file, or a directory (on GCS: any object under path/)."""
     if not is_gcs(path):
         return os.path.exists(path)
-    bucket_name, name = split_gcs(path)
-    with _gcs_errors(path):
-        is_file = bool(name) and _client().bucket(bucket_name).get_blob(name) is not None
-    return is_file or isdir(path)
+    return _info(path) is not None
 
 
 def isdir(path: str) -> bool:
     if not is_gcs(path):
         return os.path.isdir(path)
-    bucket_name, name = split_gcs(path)
-    prefix = name.rstrip("/") + "/" if name else ""
-    with _gcs_errors(path):
-        return any(True for _ in _client().list_blobs(bucket_name, prefix=prefix, max_results=1))
+    info = _info(path)
+    return info is not None and info["type"] == "directory"
 
 
 def list_files(directory: str) -> dict[str, int]:
@@ -101,22 +100,46 @@ def list_files(directory: str) -> dict[str, int]:
             return {}
         with os.scandir(directory) as entries:
             return {e.name: e.stat().st_size for e in entries if e.is_file()}
-    bucket_name, name = split_gcs(directory)
-    prefix = name.rstrip("/") + "/" if name else ""
+    fs, name = filesystem(directory)
     with _gcs_errors(directory):
-        blobs = _client().list_blobs(bucket_name, prefix=prefix, delimiter="/")
-        return {blob.name[len(prefix) :]: blob.size for blob in blobs if blob.name != prefix}
+        try:
+            entries = fs.ls(name.rstrip("/"), detail=True)
+        except FileNotFoundError:
+            entries = []
+    if not entries:
+        _check_bucket(directory)
+    return {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry["size"] for entry in entries if entry["type"] == "file"}
 
 
 def glob(pattern: str) -> list[str]:
     """Sorted paths matching a shell pattern (*, ?, [...]); on GCS '*' also crosses '/'."""
     if not is_gcs(pattern):
         return sorted(p for p in local_glob.glob(pattern) if os.path.isfile(p))
-    bucket_name, name = split_gcs(pattern)
-    literal_prefix = name[: min((name.find(c) for c in "*?[" if c in name), default=len(name))]
+    fs, name = filesystem(pattern)
+    literal = name[: min((name.find(c) for c in "*?[" if c in name), default=len(name))]
+    directory, _, prefix = literal.rpartition("/")
     with _gcs_errors(pattern):
-        names = [b.name for b in _client().list_blobs(bucket_name, prefix=literal_prefix)]
-    return sorted(f"{GCS_PREFIX}{bucket_name}/{n}" for n in names if fnmatch.fnmatchcase(n, name))
+        try:
+            found = fs.find(directory, prefix=prefix) if directory else []
+        except FileNotFoundError:
+            found = []
+    if not found:
+        _check_bucket(pattern)
+    return sorted(GCS_PREFIX + path for path in found if fnmatch.fnmatchcase(path, name))
+
+
+def read_range(path: str, start: int, length: int) -> bytes:
+    """`length` bytes of a file from byte `start` (fewer at its end): one ranged request on
+    GCS, for random access to large files (clm.data.megatron reads samples this way)."""
+    if length <= 0:
+        return b""
+    if not is_gcs(path):
+        with open(path, "rb") as f:
+            f.seek(start)
+            return f.read(length)
+    fs, name = filesystem(path)
+    with _gcs_errors(path):
+        return fs.cat_file(name, start=start, end=start + length)
 
 
 def size(path: str) -> int:
@@ -125,27 +148,25 @@ def size(path: str) -> int:
             return os.path.getsize(path)
         except FileNotFoundError:
             raise UserError(f"{path}: no such file") from None
-    bucket_name, name = split_gcs(path)
-    with _gcs_errors(path):
-        blob = _client().bucket(bucket_name).get_blob(name)
-    if blob is None:
+    info = _info(path)
+    if info is None or info["type"] != "file":
         raise _not_found(path)
-    return blob.size
+    return info["size"]
 
 
 def check_writable(directory: str, knob: str) -> None:
     """Fail in one line, before anything runs, when `directory` cannot be created and written."""
     if is_gcs(directory):
-        bucket_name, name = split_gcs(directory)
-        probe = f"{name.rstrip('/')}/.clm-write-probe".lstrip("/")
+        bucket_name, _ = split_gcs(directory)
+        fs, name = filesystem(directory)
+        probe = f"{name.rstrip('/')}/.clm-write-probe"
         try:
             with _gcs_errors(directory):
-                blob = _client().bucket(bucket_name).blob(probe)
-                blob.upload_from_string(b"")
-                blob.delete()
+                fs.pipe_file(probe, b"")
+                fs.rm_file(probe)
         except UserError as e:
             raise UserError(f"{knob}: {e}") from None
-        except Exception as e:  # unreachable endpoint, DNS, timeouts: the client's many kinds
+        except Exception as e:  # unreachable endpoint, DNS, timeouts: the HTTP stack's many kinds
             raise UserError(
                 f"{knob}={directory}: cannot write to bucket '{bucket_name}' ({type(e).__name__}: {e}); "
                 "check the bucket name, the network and the credentials"
@@ -164,25 +185,43 @@ def check_writable(directory: str, knob: str) -> None:
 # ------------------------------------------------------------------------------ GCS
 
 
-def _client():
-    # Keyed by the emulator address so tests that start their own server get a fresh client.
-    return _client_for(os.environ.get("STORAGE_EMULATOR_HOST"))
+def _gcs():
+    """gcsfs, configured once for every gs:// user in the process (fsspec caches the instance)."""
+    # Read by gcsfs at import: its experimental zonal/HNS-bucket support probes endpoints that
+    # plain buckets (and the GCS emulator) do not have.
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    import gcsfs
+
+    # gcsfs logs a request that ran out of retries, traceback and all, then raises its error:
+    # the raised error is what clm reports (one line), so the log is only noise.
+    logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
+
+    # No listing cache: another host, process or tool may have written since the last look
+    # (a checkpoint completing, a data file uploaded). No automatic decompression: a ranged
+    # read of an object stored with Content-Encoding: gzip must get the stored bytes.
+    return gcsfs.GCSFileSystem(use_listings_cache=False, session_kwargs={"auto_decompress": False})
 
 
-@functools.lru_cache(maxsize=None)
-def _client_for(emulator_host: str | None):
-    # Imported here: google-cloud-storage takes about half a second to import, and runs
-    # that never touch gs:// should not pay for it.
-    from google.auth.exceptions import DefaultCredentialsError
-    from google.cloud import storage as gcs
+def _info(path: str) -> dict | None:
+    """gcsfs's info for a gs:// path (type "file" or "directory"), None if nothing is there; a
+    missing bucket is an error."""
+    fs, name = filesystem(path)
+    with _gcs_errors(path):
+        try:
+            return fs.info(name.rstrip("/") or name)
+        except FileNotFoundError:
+            pass
+    _check_bucket(path)
+    return None
 
-    try:
-        return gcs.Client()
-    except DefaultCredentialsError as e:
-        raise UserError(
-            f"gs:// paths need Google Cloud credentials ({e}); run `gcloud auth application-default login` "
-            "or set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file"
-        ) from None
+
+def _check_bucket(path: str) -> None:
+    """An empty answer about a missing bucket is an error naming it, not an empty directory."""
+    bucket, _ = split_gcs(path)
+    fs, _ = filesystem(path)
+    with _gcs_errors(path):
+        if not fs.exists(bucket):
+            raise _not_found(path)
 
 
 def _not_found(path: str) -> UserError:
@@ -192,16 +231,27 @@ def _not_found(path: str) -> UserError:
 
 @contextlib.contextmanager
 def _gcs_errors(path: str) -> Iterator[None]:
-    """Turn GCS's not-found and permission errors into one line naming bucket and object."""
-    from google.api_core import exceptions as api_errors
+    """Turn gcsfs's not-found and permission errors into one line naming bucket and object."""
+    from gcsfs.retry import HttpError
 
     try:
         yield
-    except api_errors.NotFound:
+    except FileNotFoundError:
         raise _not_found(path) from None
-    except (api_errors.Forbidden, api_errors.Unauthorized) as e:
+    except (OSError, HttpError) as e:
+        denied = isinstance(e, HttpError) and e.code in (401, 403) or str(e).startswith("Forbidden")
+        if not denied:
+            raise
         bucket, name = split_gcs(path)
+        reason = str(e).splitlines()[-1] if str(e).strip() else type(e).__name__
         raise UserError(
-            f"{path}: permission denied (bucket '{bucket}', object '{name}'): {e.message}; grant this job's "
-            "service account access to the bucket (roles/storage.objectViewer to read, objectAdmin to write)"
+            f"{path}: permission denied (bucket '{bucket}', object '{name}'): {reason}; {_credentials_hint()}"
         ) from None
+
+
+def _credentials_hint() -> str:
+    if not os.environ.get("STORAGE_EMULATOR_HOST") and _gcs().credentials.method == "anon":
+        return ("no Google Cloud credentials were found: run `gcloud auth application-default login` or set "
+                "GOOGLE_APPLICATION_CREDENTIALS to a service-account key file")
+    return ("grant this job's service account access to the bucket (roles/storage.objectViewer to read, "
+            "objectAdmin to write)")

@@ -25,7 +25,6 @@ from clm.errors import EXIT_OK, EXIT_PREEMPTED
 from clm.metrics import MetricsWriter, mfu, reference_flops_per_token, training_flops_per_token
 from clm.model.build import build_sharded_model, check_model
 from clm.model.config import load_model_config
-from clm.model.weights import tokenizer_source
 from clm.observe.mlperf import MLPerfLogger
 from clm.observe.recompiles import RecompileWatch
 from clm.observe.wandb_run import WandbRun
@@ -100,7 +99,7 @@ class Trainer:
         self.mlperf.init_start()
         self.resolved_config = redact(OmegaConf.to_container(cfg, resolve=True))  # no secret reaches a file or W&B
 
-        self.tokenizer = data.load_tokenizer(tokenizer_source(cfg.model), cfg.cache_local_dir)
+        self.tokenizer = data.tokenizer_for(cfg)  # None for pre-tokenized data
 
         self.model = build_sharded_model(cfg, mesh_shape, hf_config)
         self.mesh = self.model.mesh
@@ -236,7 +235,7 @@ class Trainer:
             (terms.loss / accum).backward()
             lm_losses.append(terms.lm_loss.detach())
             aux_losses.append(terms.aux_loss.detach())
-            tokens.append((labels != cfg.pad_token_id).sum())
+            tokens.append((input_ids != cfg.pad_token_id).sum())  # every input (inputs are never pad_token_id)
             if micro_step < accum - 1:
                 # One graph per micro-batch keeps one micro-batch of activations alive.
                 torch_xla.sync()

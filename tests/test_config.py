@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from clm.config import eval_frequency_for, load_config
+from clm.config import config_groups, eval_frequency_for, load_config
 from clm.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,3 +140,152 @@ def test_model_config_that_is_not_a_causal_lm_json_is_one_user_error(tmp_path, t
     with pytest.raises(UserError, match=message) as info:
         load_model_config(load_config([f"model.config_path={tmp_path / 'model.json'}"], num_devices=4))
     assert "\n" not in str(info.value)
+
+
+# ------------------------------------------- the schema is the one source of knobs
+#
+# Adding a knob: a field in the schema (clm/config.py), its default with a comment in
+# clm/conf/config.yaml or the group files, a row in README.md's knob table, and a decision
+# whether a resumed run may change it (MAY_CHANGE_ON_RESUME in clm/checkpoint.py). These tests
+# fail, saying which of them is missing, until all agree.
+
+GROUP_KNOBS = ("model", "sched", "dataset", "sharding")  # config groups that are knobs (experiment is presets)
+
+
+def schema_knobs(cls=None, prefix: str = "") -> list[str]:
+    """Every leaf of the schema: `model.fsdp_config.xla_fsdp_grad_ckpt`, ...; `sharding` is one knob."""
+    import dataclasses
+    from typing import get_type_hints
+
+    from clm.config import Config
+
+    cls = cls or Config
+    knobs = []
+    for name, typ in get_type_hints(cls).items():
+        knobs += schema_knobs(typ, f"{prefix}{name}.") if dataclasses.is_dataclass(typ) else [prefix + name]
+    return knobs
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and f"{prefix}{key}" != "sharding":
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def composed(overrides: list[str] = ()) -> dict:
+    """The default job's knobs as written (interpolations unresolved), schema defaults included."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from clm.config import Config
+
+    with initialize_config_module("clm.conf", version_base=None):
+        cfg = compose("config", overrides=list(overrides))
+    merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+    return flatten(OmegaConf.to_container(merged, resolve=False))
+
+
+def group_choices() -> dict[str, str]:
+    """config.yaml's defaults list: {group: option}."""
+    from omegaconf import OmegaConf
+
+    entries = OmegaConf.to_container(OmegaConf.load(REPO / "clm/conf/config.yaml"))["defaults"]
+    return {k: v for entry in entries if isinstance(entry, dict) for k, v in entry.items()}
+
+
+def may_change_on_resume(knob: str) -> bool:
+    from clm.checkpoint import MAY_CHANGE_ON_RESUME
+
+    return any(knob == k or knob.startswith(k + ".") for k in MAY_CHANGE_ON_RESUME)
+
+
+def test_config_yaml_gives_every_schema_knob_a_default_and_no_other_key():
+    defaults = composed()
+    knobs = schema_knobs()
+    no_default = [k for k in knobs if defaults.get(k) == "???"]
+    assert not no_default, (
+        f"{', '.join(no_default)}: in the schema (clm/config.py) but without a default; add it, with a comment "
+        "saying what it does, to clm/conf/config.yaml (or the group file its section comes from)")
+    unknown = sorted(set(defaults) - set(knobs))
+    assert not unknown, f"{', '.join(unknown)}: in clm/conf but not in the schema; add a typed field to clm/config.py"
+
+
+@pytest.mark.parametrize("group, option", [(g, o) for g, options in config_groups().items() if g in GROUP_KNOBS
+                                           for o in options])
+def test_every_group_option_sets_only_schema_knobs_and_leaves_none_without_a_value(group, option):
+    load_config([f"{group}={option}"], num_devices=8)  # an unknown or mistyped key is a UserError
+    no_value = [k for k, v in composed([f"{group}={option}"]).items() if v == "???" and k.startswith(group + ".")]
+    assert not no_value, f"clm/conf/{group}/{option}.yaml leaves {', '.join(no_value)} without a value"
+
+
+def readme_knob_table() -> dict[str, dict[str, str]]:
+    import re
+
+    text = (REPO / "README.md").read_text()
+    header = "| knob | default | on resume | meaning |"
+    assert header in text, f"README.md has no knob table; it starts with the line '{header}'"
+    rows = {}
+    for line in text.split(header, 1)[1].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        knob, default, resume, meaning = [cell.strip() for cell in line.strip("|").split("|", 3)]
+        rows[knob.strip("`")] = {"default": re.sub(r"^`(.*)`$", r"\1", default), "resume": resume,
+                                 "meaning": meaning.strip(" |")}
+    return rows
+
+
+def readme_row(knob: str, default) -> str:
+    from omegaconf import OmegaConf
+
+    shown = OmegaConf.to_yaml({"v": default}).strip()[3:] if not isinstance(default, str) else default
+    resume = "may change" if may_change_on_resume(knob) else ""
+    return f"| `{knob}` | `{shown}` | {resume} | ONE LINE OF MEANING |"
+
+
+def test_readme_knob_table_lists_every_knob_with_its_default():
+    from omegaconf import OmegaConf
+
+    table = readme_knob_table()
+    defaults, choices = composed(), group_choices()
+    expected = {k: defaults[k] for k in schema_knobs() if k != "sharding"} | {g: choices[g] for g in GROUP_KNOBS}
+    missing = [knob for knob in expected if knob not in table]
+    assert not missing, "README.md's knob table lacks rows; add (in the section's order):\n" + "\n".join(
+        readme_row(knob, expected[knob]) for knob in missing)
+    extra = sorted(set(table) - set(expected))
+    assert not extra, f"README.md's knob table has rows for {', '.join(extra)}, which the schema does not have"
+    for knob, row in table.items():
+        shown = OmegaConf.to_container(OmegaConf.create("v: " + row["default"]), resolve=False)["v"]
+        assert shown == expected[knob], (f"README.md's knob table says {knob} defaults to {row['default']}; "
+                                         f"the config says {expected[knob]!r}")
+        assert row["resume"] == ("may change" if may_change_on_resume(knob) else ""), (
+            f"README.md's knob table: {knob}'s 'on resume' cell must agree with MAY_CHANGE_ON_RESUME (clm/checkpoint.py)")
+        assert row["meaning"], f"README.md's knob table: {knob} needs one line of meaning"
+
+
+def test_may_change_on_resume_names_only_knobs():
+    from clm.checkpoint import MAY_CHANGE_ON_RESUME
+
+    knobs = schema_knobs()
+    unknown = [k for k in MAY_CHANGE_ON_RESUME if not any(knob == k or knob.startswith(k + ".") for knob in knobs)]
+    assert not unknown, f"MAY_CHANGE_ON_RESUME (clm/checkpoint.py) names {', '.join(unknown)}, no knob of the schema"
+
+
+@pytest.mark.parametrize("preset", config_groups()["experiment"])
+def test_presets_state_only_what_differs_from_the_defaults(preset):
+    from omegaconf import OmegaConf
+
+    path = REPO / "clm/conf/experiment" / f"{preset}.yaml"
+    body = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    overrides = []
+    for entry in body.pop("defaults", []):
+        (key, option), = entry.items()
+        group = key.removeprefix("override").strip().lstrip("/")
+        assert group_choices().get(group) != option, f"{path.name}: `{key}: {option}` is already the default; delete it"
+        overrides.append(f"{group}={option}")
+    base = composed(overrides)
+    restated = [f"{key}: {value}" for key, value in flatten(body).items() if base.get(key) == value]
+    assert not restated, f"{path.name} restates defaults; delete: {'; '.join(restated)}"

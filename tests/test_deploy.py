@@ -23,6 +23,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from clm import tpu
 from clm.errors import EXIT_PREEMPTED, EXIT_USER_ERROR
 from clm.launch import job
 
@@ -243,6 +244,10 @@ def test_chart_lays_out_a_tpu_type_as_xpk_does(tpu_type, xpk_bin):
     xpk_pod = xpk_jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
     topology = xpk_pod["nodeSelector"]["cloud.google.com/gke-tpu-topology"]
     chips_per_host = container_of(xpk_jobset)["resources"]["limits"]["google.com/tpu"]
+    # xpk lays the generation out as clm.tpu's table says
+    generation = tpu.generation(job.tpu_generation(tpu_type))
+    assert chips_per_host == generation.chips_per_host
+    assert xpk_pod["nodeSelector"]["cloud.google.com/gke-tpu-accelerator"] == generation.gke_accelerator
     chart_jobset = the_jobset(render({**REPRESENTATIVE_VALUES, "tpu": {
         "generation": job.tpu_generation(tpu_type), "topology": topology, "chipsPerHost": chips_per_host}}))
     validate(chart_jobset)
@@ -263,9 +268,10 @@ def test_xpk_launcher_bad_tpu_type_is_one_line(xpk_bin):
     assert result.stderr.count("\n") == 1 and "--tpu-type 'v9z-8'" in result.stderr
 
 
-def test_chart_libtpu_flags_are_the_launchers():
+def test_chart_libtpu_flags_and_accelerator_labels_are_the_launchers():
     defaults = yaml.safe_load((CHART / "values.yaml").read_text())
     assert defaults["libtpuInitArgs"] == job.LIBTPU_INIT_ARGS
+    assert defaults["acceleratorLabels"] == {name: g.gke_accelerator for name, g in tpu.GENERATIONS.items()}
 
 
 # ------------------------------------------------------------------ the per-host wrapper

@@ -61,3 +61,67 @@ def test_priming_is_one_zero_gradient_step_then_training_uses_step_2s_bias_corre
     assert expected == pytest.approx(0.744, abs=1e-3)
     ratio = (primed_update / unprimed_update).median().item()
     assert ratio == pytest.approx(expected, rel=1e-3)
+
+
+# The MLPerf Mixtral reference's no-decay patterns and grouping, copied from mlcommons/training
+# retired_benchmarks/mixtral8x22b/model_utils_tpu.py (setup_model_optimizer, commit ce651e35ff52):
+#     no_decay = ["bias", "layer_norm.weight"]
+#     decay group:    [p for n, p in model.named_parameters() if not any(nd in n for nd in no_decay)]
+#     no-decay group: [p for n, p in model.named_parameters() if any(nd in n for nd in no_decay)]
+REFERENCE_NO_DECAY = ["bias", "layer_norm.weight"]
+
+
+def reference_decays(name: str) -> bool:
+    return not any(nd in name for nd in REFERENCE_NO_DECAY)
+
+
+@pytest.fixture(scope="module")
+def mixtral_8x22b():
+    """Mixtral-8x22B with its real parameter names, on the meta device (no memory)."""
+    from transformers import AutoConfig, MixtralForCausalLM
+
+    from clm.model.build import CONFIGS_DIR
+
+    with torch.device("meta"):
+        return MixtralForCausalLM(AutoConfig.from_pretrained(CONFIGS_DIR / "mixtral822.json"))
+
+
+def decay_of(optimizer: torch.optim.Optimizer) -> dict[int, float]:
+    return {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+
+
+@pytest.mark.parametrize("preset", [[], ["+experiment=gbs256_tpu"], ["+experiment=convergence_template"]])
+def test_default_and_mlperf_presets_decay_what_the_reference_decays_every_mixtral_parameter(mixtral_8x22b, preset):
+    names = dict(mixtral_8x22b.named_parameters())
+    assert len(names) == 1 + 56 * 9 + 2  # embeddings; per layer q, k, v, o, router, gate_up, down, 2 norms; norm, head
+    assert all(reference_decays(name) for name in names), "the reference's patterns now match a Mixtral parameter"
+    cfg = load_config([*preset, "optimizer=AdamW"], num_devices=256)
+    decay = decay_of(build_optimizer(cfg, mixtral_8x22b))
+    assert {name: decay[id(p)] for name, p in names.items()} == {name: cfg.weight_decay for name in names}
+
+
+def test_norms_and_biases_can_be_exempt_as_megatron_does(mixtral_8x22b):
+    cfg = load_config(["optimizer=AdamW", "weight_decay_norms_and_biases=false"], num_devices=4)
+    decay = decay_of(build_optimizer(cfg, mixtral_8x22b))
+    exempt = {name for name, p in mixtral_8x22b.named_parameters() if decay[id(p)] == 0.0}
+    assert exempt == {name for name, p in mixtral_8x22b.named_parameters() if p.dim() == 1}
+    assert exempt and all(name.endswith("norm.weight") for name in exempt)
+    # a bias is exempt whatever its shape (gpt-oss's expert biases are [experts, width])
+    model = torch.nn.Module()
+    model.experts_bias = torch.nn.Parameter(torch.zeros(4, 8))
+    model.proj = torch.nn.Linear(8, 8)
+    decay = decay_of(build_optimizer(cfg, model))
+    assert [decay[id(p)] for p in (model.experts_bias, model.proj.bias, model.proj.weight)] == [0.0, 0.0, WD]
+
+
+@pytest.mark.parametrize("exempt", [False, True])
+def test_a_step_decays_norm_weights_unless_exempt(exempt):
+    cfg = load_config(["optimizer=AdamW", f"lr={LR}", f"weight_decay={WD}",
+                       f"weight_decay_norms_and_biases={str(not exempt).lower()}"], num_devices=4)
+    norm = torch.nn.LayerNorm(8)
+    optimizer = build_optimizer(cfg, norm)
+    for p in norm.parameters():
+        p.grad = torch.zeros_like(p)  # zero moments: the step is the decoupled decay alone
+    optimizer.step()
+    expected = 1.0 if exempt else 1 - LR * WD
+    torch.testing.assert_close(norm.weight.detach(), torch.full((8,), expected), rtol=0, atol=1e-7)

@@ -15,7 +15,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from clm.data.sources import DocumentChunk
+from clm.data.documents import DocumentChunk
 
 
 def encode_concatenated(tokenizer, texts: list[str]) -> np.ndarray:

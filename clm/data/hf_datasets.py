@@ -28,7 +28,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
 
-from clm.data.sources import DocumentChunk
+from clm.data.documents import DocumentChunk
 from clm.errors import UserError
 
 READ_ROWS = 64  # rows per read from the split; a chunk ends at a read's end

@@ -9,7 +9,7 @@
   any other  a Hugging Face `datasets` name or local path (clm.data.hf_datasets).
 
 A source hands the rest of the pipeline "units" (ShardUnit here, DatasetUnit there): each
-reads its documents in DocumentChunks from a resume position, so packing, shuffling,
+reads its documents in DocumentChunks (clm.data.documents) from a resume position, so packing, shuffling,
 batching, the eval set and the resumable position are the same code for every source.
 
 Reading is forgiving where the reference's datasets loader would crash mid-run: a corrupt
@@ -29,6 +29,8 @@ from typing import Iterator
 import orjson
 
 from clm import storage
+from clm.data import hf_datasets
+from clm.data.documents import DocumentChunk
 from clm.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -103,8 +105,6 @@ def validate_dataset(cfg) -> None:
     read, every expected file there and not empty. `datasets`: the name resolves, both
     splits exist, hold rows and have the text column."""
     if not is_file_source(cfg.dataset):
-        from clm.data import hf_datasets
-
         hf_datasets.validate(cfg)
         return
     for split in ("train", "eval"):
@@ -170,18 +170,6 @@ class ShardUnit:
 
     def read_chunks(self, start_line=0, max_documents: int | None = None) -> Iterator[DocumentChunk]:
         return read_chunks(self, start_line, max_documents)
-
-
-@dataclass
-class DocumentChunk:
-    """Consecutive documents of a unit, and where reading resumes after them."""
-
-    texts: list[str]
-    # Where reading resumes after this chunk, as the unit's read_chunks takes it: the index of
-    # the first line (row) after it, or a streaming `datasets` split's own position.
-    end_line: int | dict
-    at_end: bool  # the last chunk of the unit
-    stats: Counter  # documents, skipped_lines, replaced_utf8_lines within these lines
 
 
 def read_chunks(

@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from clm.errors import run_command
+from clm.cli import run_command
 from clm.launch import xpk
 
 

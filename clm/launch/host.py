@@ -26,7 +26,8 @@ import threading
 import time
 from pathlib import Path
 
-from clm.errors import EXIT_OK, EXIT_PREEMPTED, UserError, run_command
+from clm.cli import run_command
+from clm.errors import EXIT_OK, EXIT_PREEMPTED, UserError
 from clm.launch import secrets
 
 TAIL_LINES = 40  # of the failing command's stderr, in its error report

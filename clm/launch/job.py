@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import re
 import shlex
 from dataclasses import dataclass
 
+from clm import tpu
 from clm.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
 
 # Retried by JobSet: a preempted run that saved a complete checkpoint. Never retried:
@@ -26,28 +26,21 @@ _ASYNC_COLLECTIVES = (
     "--xla_tpu_enable_async_collective_fusion_multiple_steps=true "
     "--xla_tpu_overlap_compute_collective_tc=true "
     "--xla_enable_async_all_gather=true")
-# v5e and v6e have one TensorCore per chip and gain from fusing data-parallel all-reduces.
+# Generations with one TensorCore per chip (v5e, v6e) gain from fusing data-parallel all-reduces.
 _DATA_PARALLEL_ALL_REDUCE = (
     " --xla_tpu_enable_data_parallel_all_reduce_opt=true"
     " --xla_tpu_data_parallel_opt_different_sized_ops=true")
-LIBTPU_INIT_ARGS = {
-    "v4": _ASYNC_COLLECTIVES,
-    "v5p": _ASYNC_COLLECTIVES,
-    "v5e": _ASYNC_COLLECTIVES + _DATA_PARALLEL_ALL_REDUCE,
-    "v6e": _ASYNC_COLLECTIVES + _DATA_PARALLEL_ALL_REDUCE,
-}
-# xpk's and GKE's spellings of the generation in a TPU type (v5litepod-256 is a v5e).
-_GENERATION_ALIASES = {"v5litepod": "v5e", "v6litepod": "v6e"}
+LIBTPU_INIT_ARGS = {name: _ASYNC_COLLECTIVES + (_DATA_PARALLEL_ALL_REDUCE if generation.cores_per_chip == 1 else "")
+                    for name, generation in tpu.GENERATIONS.items()}
 
 
 def tpu_generation(tpu_type: str) -> str:
-    """'v5p' for 'v5p-512', 'v5e' for 'v5litepod-256'; a UserError for anything else."""
-    match = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", tpu_type)
-    generation = match and _GENERATION_ALIASES.get(match.group(1), match.group(1))
-    if generation not in LIBTPU_INIT_ARGS:
+    """'v5p' for 'v5p-512', 'v5e' for 'v5litepod-256' (clm.tpu's table); a UserError for anything else."""
+    parsed = tpu.parse_accelerator_type(tpu_type)
+    if parsed is None:
         raise UserError(f"--tpu-type {tpu_type!r}: expected GENERATION-SIZE with generation one of "
-                        f"{', '.join(LIBTPU_INIT_ARGS)} (e.g. v5p-512, v4-8, v5litepod-256, v6e-256)")
-    return generation
+                        f"{tpu.names()} (e.g. v5p-512, v4-8, v5litepod-256, v6e-256)")
+    return parsed[0].name
 
 
 def runtime_env(tpu_type: str) -> dict[str, str]:
