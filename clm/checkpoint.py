@@ -50,7 +50,7 @@ DCP_METADATA = ".metadata"
 # Knobs that may differ between a checkpoint's run and the run that resumes it: they change
 # how long, how often or where, not what is computed. Any other difference is refused.
 MAY_CHANGE_ON_RESUME = (
-    "max_steps", "eval_frequency", "log_frequency", "do_first_eval", "target_eval_loss",
+    "max_steps", "eval_frequency", "eval_samples_interval", "log_frequency", "do_first_eval", "target_eval_loss",
     "checkpoint_every", "checkpoint_dir", "checkpoints_to_keep", "async_checkpoint", "resume",
     "allow_config_change", "kill_switch_path", "xla_profile_step", "output_dir", "run_dir", "exp_name",
     "local_compile_cache_dir", "cache_local_dir", "tensor_parallelism", "expert_parallelism",

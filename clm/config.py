@@ -27,7 +27,8 @@ from clm.parallel.mesh import mesh_shape
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONF_DIR = PACKAGE_DIR / "conf"
 
-SCHEDULERS = ("WarmupHoldPolicy", "CosineAnnealing")
+SCHEDULERS = ("WarmupHoldPolicy", "CosineAnnealing", "OptimizerParamScheduler")
+LR_DECAY_STYLES = ("cosine", "linear", "constant")  # OptimizerParamScheduler's (Megatron's lr_decay_style)
 XLA_ADAMW = "ADAMW_TORCH_XLA"
 DTYPES = ("float32", "bfloat16", "float16")
 WANDB_MODES = ("offline", "online", "disabled")
@@ -59,10 +60,15 @@ class ModelConfig:
 @dataclass
 class SchedConfig:
     name: str = MISSING
-    warmup_ratio: float = MISSING
+    warmup_ratio: float = 0.0
     hold_steps: Optional[int] = None
     max_steps: int = MISSING
     min_lr: float = 0.0
+    # OptimizerParamScheduler (Megatron's names)
+    lr_decay_style: str = "cosine"
+    lr_warmup_iters: int = 0
+    lr_decay_iters: Optional[int] = None
+    lr_warmup_init: float = 0.0
 
 
 @dataclass
@@ -78,6 +84,14 @@ class DatasetConfig:
     num_proc: int = MISSING
     load_from_cache_file: bool = MISSING
     shuffle_buffer_size: int = MISSING
+    # pre-tokenized sources (megatron)
+    vocab_size: Optional[int] = None
+    eod_id: Optional[int] = None
+    eod_mask_loss: bool = False
+    dataloader_type: str = "single"
+    data_sharding: bool = True
+    micro_batch_size: Optional[int] = None
+    data_parallel_size: Optional[int] = None
 
 
 @dataclass
@@ -120,7 +134,11 @@ class Config:
     prime_optimizer: bool = MISSING
     weight_decay: float = MISSING
     weight_decay_norms_and_biases: bool = MISSING
+    adam_beta1: float = MISSING
+    adam_beta2: float = MISSING
+    adam_eps: float = MISSING
     eval_frequency: int = MISSING
+    eval_samples_interval: Optional[int] = MISSING
     checkpoint_manager_path: Optional[str] = MISSING
     checkpoint_every: int = MISSING
     checkpoint_dir: str = MISSING
@@ -179,6 +197,17 @@ def eval_frequency_for(max_length: int, global_train_batch_size: int) -> int:
     return math.ceil(24576 * 2048 / max_length / global_train_batch_size)
 
 
+def eval_frequency_of_samples(samples: int, global_train_batch_size: int) -> int:
+    """A cadence in training samples (the gpt-oss-20b reference's EVAL_SAMPLES_INTERVAL), in optimizer steps."""
+    steps, remainder = divmod(samples, global_train_batch_size)
+    if remainder or steps < 1:
+        raise UserError(
+            f"eval_samples_interval={samples} is not a whole number of steps at global_train_batch_size="
+            f"{global_train_batch_size}; use a global batch that divides it, or a multiple of the global batch"
+        )
+    return steps
+
+
 def load_config(overrides: list[str], num_devices: int | Callable[[], int]) -> DictConfig:
     """Compose clm/conf with Hydra-style overrides, type-check, resolve and validate.
 
@@ -206,7 +235,9 @@ def load_config(overrides: list[str], num_devices: int | Callable[[], int]) -> D
     except OmegaConfBaseException as e:
         raise UserError(f"{e.full_key or 'config'}: {e.msg}") from None
 
-    if cfg.eval_frequency == -1:
+    if cfg.eval_samples_interval is not None:
+        cfg.eval_frequency = eval_frequency_of_samples(cfg.eval_samples_interval, cfg.global_train_batch_size)
+    elif cfg.eval_frequency == -1:
         cfg.eval_frequency = eval_frequency_for(cfg.max_length, cfg.global_train_batch_size)
     _validate(cfg, count())
     OmegaConf.set_readonly(cfg, True)
@@ -251,8 +282,10 @@ def _validate(cfg: DictConfig, num_devices: int) -> None:
         raise UserError(f"wandb.mode={cfg.wandb.mode}: use one of {', '.join(WANDB_MODES)}")
     if cfg.sched.name not in SCHEDULERS:
         raise UserError(f"sched.name={cfg.sched.name}: unknown scheduler; use one of {', '.join(SCHEDULERS)}")
-    if cfg.sched.name == "CosineAnnealing" and cfg.sched.min_lr > cfg.lr:
-        raise UserError(f"sched.min_lr={cfg.sched.min_lr} is above lr={cfg.lr}; CosineAnnealing decays from lr down to min_lr")
+    if cfg.sched.name in ("CosineAnnealing", "OptimizerParamScheduler") and cfg.sched.min_lr > cfg.lr:
+        raise UserError(f"sched.min_lr={cfg.sched.min_lr} is above lr={cfg.lr}; {cfg.sched.name} decays from lr down to min_lr")
+    if cfg.sched.name == "OptimizerParamScheduler":
+        _validate_megatron_schedule(cfg)
     if not is_known_optimizer(cfg.optimizer):
         raise UserError(
             f"optimizer={cfg.optimizer}: unknown; use {XLA_ADAMW} or a torch.optim class name such as AdamW or SGD"
@@ -285,6 +318,20 @@ def _validate(cfg: DictConfig, num_devices: int) -> None:
             f"global_eval_batch_size={cfg.global_eval_batch_size} must be divisible by the data-parallel "
             f"devices ({shape.data_parallel})"
         )
+
+
+def _validate_megatron_schedule(cfg: DictConfig) -> None:
+    sched = cfg.sched
+    if sched.lr_decay_style not in LR_DECAY_STYLES:
+        raise UserError(f"sched.lr_decay_style={sched.lr_decay_style}: use one of {', '.join(LR_DECAY_STYLES)}")
+    decay_iters = sched.max_steps if sched.lr_decay_iters is None else sched.lr_decay_iters
+    if not 0 <= sched.lr_warmup_iters < decay_iters:
+        raise UserError(
+            f"sched.lr_warmup_iters={sched.lr_warmup_iters}: must be >= 0 and below sched.lr_decay_iters={decay_iters} "
+            "(the step where the decay ends, warmup included)"
+        )
+    if not 0 <= sched.lr_warmup_init <= cfg.lr:
+        raise UserError(f"sched.lr_warmup_init={sched.lr_warmup_init}: must be within [0, lr={cfg.lr}]")
 
 
 # ------------------------------------------------------------------ one-line messages

@@ -1,7 +1,9 @@
-"""Optimizer and the reference's learning-rate schedules (NeMo's WarmupHoldPolicy, CosineAnnealing)."""
+"""Optimizer and the references' learning-rate schedules: NeMo's WarmupHoldPolicy and
+CosineAnnealing (Mixtral), Megatron's OptimizerParamScheduler (gpt-oss-20b)."""
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -29,8 +31,18 @@ def build_optimizer(cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Opti
     if cfg.optimizer == XLA_ADAMW:
         from torch_xla.amp.syncfree import AdamW
 
-        return AdamW(groups, lr=cfg.lr)
-    return getattr(torch.optim, cfg.optimizer)(groups, lr=cfg.lr)
+        optimizer_class = AdamW
+    else:
+        optimizer_class = getattr(torch.optim, cfg.optimizer)
+    return optimizer_class(groups, lr=cfg.lr, **adam_options(cfg, optimizer_class))
+
+
+def adam_options(cfg: DictConfig, optimizer_class: type) -> dict:
+    """adam_beta1, adam_beta2 and adam_eps, for the optimizers that take betas and eps."""
+    parameters = inspect.signature(optimizer_class).parameters
+    if "betas" not in parameters or "eps" not in parameters:
+        return {}
+    return {"betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_eps}
 
 
 def prime_optimizer(optimizer: torch.optim.Optimizer) -> None:
@@ -49,10 +61,47 @@ def prime_optimizer(optimizer: torch.optim.Optimizer) -> None:
 
 
 def warmup_steps(sched: DictConfig) -> int:
+    if sched.name == "OptimizerParamScheduler":
+        return sched.lr_warmup_iters
     return int(sched.warmup_ratio * sched.max_steps)
 
 
-def learning_rate(step: int, base_lr: float, sched: DictConfig) -> float:
+def decay_steps(sched: DictConfig) -> int:
+    """The step at which the lr reaches min_lr (the decay's end, warmup included)."""
+    if sched.name == "OptimizerParamScheduler" and sched.lr_decay_iters is not None:
+        return sched.lr_decay_iters
+    return sched.max_steps
+
+
+def learning_rate(step: int, base_lr: float, sched: DictConfig, global_batch_size: int = 1) -> float:
+    """The lr of optimizer step `step` (0-based, i.e. after `step` steps)."""
+    if sched.name == "OptimizerParamScheduler":
+        return megatron_learning_rate(step, base_lr, sched, global_batch_size)
+    return nemo_learning_rate(step, base_lr, sched)
+
+
+def megatron_learning_rate(step: int, max_lr: float, sched: DictConfig, global_batch_size: int) -> float:
+    """OptimizerParamScheduler.get_lr after `step` steps, in its own arithmetic: Megatron counts
+    the schedule in samples (iterations x global batch), which can round differently."""
+    num_steps = step * global_batch_size
+    warmup = sched.lr_warmup_iters * global_batch_size
+    decay = decay_steps(sched) * global_batch_size
+    init_lr, min_lr = sched.lr_warmup_init, sched.min_lr
+    if warmup > 0 and num_steps <= warmup:
+        return init_lr + ((max_lr - init_lr) * float(num_steps) / float(warmup))
+    if sched.lr_decay_style == "constant":
+        return max_lr
+    if num_steps > decay:
+        return min_lr
+    decay_ratio = float(num_steps - warmup) / float(decay - warmup)
+    if sched.lr_decay_style == "linear":
+        coeff = 1.0 - decay_ratio
+    else:  # cosine
+        coeff = 0.5 * (math.cos(math.pi * decay_ratio) + 1.0)
+    return min_lr + coeff * (max_lr - min_lr)
+
+
+def nemo_learning_rate(step: int, base_lr: float, sched: DictConfig) -> float:
     """The lr NeMo's scheduler gives for optimizer step `step` (0-based), with NeMo's branch order."""
     warmup = warmup_steps(sched)
     if warmup > 0 and step <= warmup:
@@ -72,4 +121,4 @@ def learning_rate(step: int, base_lr: float, sched: DictConfig) -> float:
 def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer) -> LambdaLR:
     # The lr stays a Python float in the param groups; XLA_NO_SPECIAL_SCALARS (clm.runtime)
     # makes it device data rather than a constant, so a new value never recompiles the step.
-    return LambdaLR(optimizer, lambda step: learning_rate(step, cfg.lr, cfg.sched) / cfg.lr)
+    return LambdaLR(optimizer, lambda step: learning_rate(step, cfg.lr, cfg.sched, cfg.global_train_batch_size) / cfg.lr)

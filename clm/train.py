@@ -24,7 +24,6 @@ from clm.checkpoint import Checkpointer, RNGState
 from clm.errors import EXIT_OK, EXIT_PREEMPTED
 from clm.metrics import MetricsWriter, mfu, reference_flops_per_token, training_flops_per_token
 from clm.model.build import build_sharded_model, check_model
-from clm.data.tokenizer import load_model_tokenizer
 from clm.model.config import load_model_config
 from clm.observe.mlperf import MLPerfLogger
 from clm.observe.recompiles import RecompileWatch
@@ -100,7 +99,7 @@ class Trainer:
         self.mlperf.init_start()
         self.resolved_config = redact(OmegaConf.to_container(cfg, resolve=True))  # no secret reaches a file or W&B
 
-        self.tokenizer = load_model_tokenizer(cfg.model, hf_config.vocab_size, cfg.cache_local_dir)
+        self.tokenizer = data.tokenizer_for(cfg, hf_config.vocab_size)  # None for pre-tokenized data
 
         self.model = build_sharded_model(cfg, mesh_shape, hf_config)
         self.mesh = self.model.mesh
@@ -236,7 +235,7 @@ class Trainer:
             (terms.loss / accum).backward()
             lm_losses.append(terms.lm_loss.detach())
             aux_losses.append(terms.aux_loss.detach())
-            tokens.append((labels != cfg.pad_token_id).sum())
+            tokens.append((input_ids != cfg.pad_token_id).sum())  # every input (inputs are never pad_token_id)
             if micro_step < accum - 1:
                 # One graph per micro-batch keeps one micro-batch of activations alive.
                 torch_xla.sync()

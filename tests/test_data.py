@@ -179,7 +179,9 @@ def test_train_blocks_equal_independent_packing(four_files, tokenizer):
     with build_train_stream(cfg, tokenizer) as stream:
         batch = next(stream)
         assert batch["input_ids"].shape == (3, 64) and batch["input_ids"].dtype == np.int32
-        assert batch["labels"].dtype == np.int32 and np.array_equal(batch["labels"], batch["input_ids"])
+        # labels are the targets: the next token of the block, none for its last position
+        assert batch["labels"].dtype == np.int32 and np.array_equal(batch["labels"][:, :-1], batch["input_ids"][:, 1:])
+        assert (batch["labels"][:, -1] == PAD).all()
         blocks = [tuple(r) for r in batch["input_ids"].tolist()] + take_blocks(stream, len(expected))
     assert blocks[: len(expected)] == expected
     assert blocks[len(expected) :] == expected[:3]  # the next epoch starts over
@@ -310,14 +312,15 @@ def test_eval_set_equals_independent_padding(
     while len(rows) % global_batch:
         rows.append([])
     inputs = np.array([r + [SP.eos_id()] * (max_length - len(r)) for r in rows], dtype=np.int32)
-    labels = np.array([r + [PAD] * (max_length - len(r)) for r in rows], dtype=np.int32)
+    # labels are the targets: position t is scored on the block's token t + 1
+    labels = np.array([r[1:] + [PAD] * (max_length - len(r[1:])) for r in rows], dtype=np.int32)
 
     sets = [build_eval_set(cfg, tokenizer, p, process_count) for p in range(process_count)]
     for eval_set in sets:
         assert eval_set.num_blocks == real_blocks
         assert eval_set.num_padding_blocks == len(rows) - real_blocks
-        assert eval_set.num_tokens == len(tokens) == int((labels != PAD).sum())
-        assert eval_set.num_target_tokens == int((labels[:, 1:] != PAD).sum())
+        assert eval_set.num_tokens == len(tokens)
+        assert eval_set.num_target_tokens == int((labels != PAD).sum()) == len(tokens) - real_blocks
         assert eval_set.stats["documents"] == len(documents[:n_eval])
     per_process = [list(s.batches()) for s in sets]
     assert len({len(b) for b in per_process}) == 1

@@ -79,6 +79,13 @@ def tokens(seed: int, vocab: int = 32000) -> torch.Tensor:
     return torch.randint(0, vocab, (BATCH, LENGTH), generator=torch.Generator().manual_seed(seed))
 
 
+def next_tokens(input_ids: torch.Tensor) -> torch.Tensor:
+    """The labels clm's data gives the loss: already shifted, the last position not scored."""
+    labels = input_ids.roll(-1, dims=1)
+    labels[:, -1] = -100
+    return labels
+
+
 def reference_forward(directory: Path, input_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
     """transformers' own model from the directory: stock experts, its default attention, fp32."""
     from transformers import AutoModelForCausalLM
@@ -96,7 +103,7 @@ def clm_forward(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
     model.eval()
     with torch.no_grad():
         device_ids = input_ids.to(torch_xla.device())
-        terms = model.loss_terms(device_ids, device_ids, -100)
+        terms = model.loss_terms(device_ids, next_tokens(input_ids).to(torch_xla.device()), -100)
         torch_xla.sync()
     handle.remove()
     return logits[0].cpu(), (terms.loss_sum / terms.num_scored).item()
@@ -299,8 +306,8 @@ def test_activation_checkpointing_keeps_every_gradient(tmp_path, model_type, lay
         _, model = build(directory, f"model.fsdp_config.xla_fsdp_grad_ckpt={checkpointed}",
                          f"model.fsdp_config.fsdp_transformer_layer_cls_to_wrap=[{layer}]")
         model.train()
-        input_ids = tokens(0).to(torch_xla.device())
-        terms = model.loss_terms(input_ids, input_ids, -100)
+        input_ids = tokens(0)
+        terms = model.loss_terms(input_ids.to(torch_xla.device()), next_tokens(input_ids).to(torch_xla.device()), -100)
         terms.loss.backward()
         torch_xla.sync()
         grads[checkpointed] = {name: p.grad.cpu() for name, p in model.named_parameters()}
@@ -332,8 +339,8 @@ def test_three_bf16_train_steps(family_dirs, model_type):
     losses, compiles, drops = [], [], []
     for step in range(3):
         before = compile_count()
-        input_ids = tokens(step, vocab=64).to(torch_xla.device())  # a small vocabulary: quick to learn
-        terms = model.loss_terms(input_ids, input_ids, -100)
+        input_ids = tokens(step, vocab=64)  # a small vocabulary: quick to learn
+        terms = model.loss_terms(input_ids.to(torch_xla.device()), next_tokens(input_ids).to(torch_xla.device()), -100)
         terms.loss.backward()
         grads = {name: p.grad for name, p in model.named_parameters()}
         optimizer.step()

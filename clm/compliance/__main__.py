@@ -1,7 +1,8 @@
 """python -m clm.compliance RUN_DIR [--rules closed|dryrun]: the official MLPerf checker on a run's log.
 
-closed  the Mixtral-8x22B benchmark's rules (sequence 32768, target 1.8, ...)
-dryrun  the same structure and algorithm at any scale (the default job, a v4-8 dry run)
+closed  the log's benchmark's rules: gpt_oss_20b, mlperf-logging's own training_6.0.0 rules;
+        mixtral_8x22b, clm's (sequence 32768, target 1.8, ...)
+dryrun  mixtral_8x22b's structure and algorithm at any scale (the default job, a v4-8 dry run)
 Exit code 0 when the log passes, 1 when it does not.
 """
 

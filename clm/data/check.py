@@ -13,11 +13,8 @@ import argparse
 import sys
 
 from clm.config import load_config
-from clm.data import hf_datasets
-from clm.data.eval_set import build_eval_set
+from clm.data import build_eval_set, build_train_stream, hf_datasets, is_pretokenized, megatron, tokenizer_for
 from clm.data.sources import FileListing, is_file_source, list_split, validate_dataset
-from clm.data.tokenizer import load_model_tokenizer
-from clm.data.train_stream import build_train_stream
 from clm.cli import run_command
 from clm.model.config import load_model_config
 
@@ -34,7 +31,26 @@ def print_listing(split: str, listing: FileListing) -> None:
             print(f"  {label}: {path}")
 
 
+def check_megatron(cfg) -> None:
+    megatron.validate(cfg)
+    with build_train_stream(cfg, None) as stream:
+        samples = stream.samples
+        batch = next(stream)
+    print(f"train: {samples.data.prefix} ({len(samples.data.sequence_lengths):,} sequences, "
+          f"{int(samples.data.sequence_lengths.sum()):,} {samples.data.dtype.__name__} tokens) -> {len(samples):,} "
+          f"samples of {cfg.max_length + 1} tokens in {samples.num_epochs} epoch(s), seed {cfg.seed}")
+    print(f"  first micro-batch: {len(batch['input_ids'])} samples, {int((batch['labels'] != cfg.pad_token_id).sum()):,} "
+          f"scored labels (eod_mask_loss={cfg.dataset.eod_mask_loss}, eod_id={cfg.dataset.eod_id})")
+    eval_set = build_eval_set(cfg, None)
+    print(f"eval set: {eval_set.num_blocks} samples of {cfg.max_length + 1} tokens + {eval_set.num_padding_blocks} "
+          f"padding rows = {eval_set.num_batches} batches of {cfg.global_eval_batch_size} "
+          f"({eval_set.num_target_tokens:,} scored labels)")
+
+
 def check(cfg, num_blocks_shown: int) -> None:
+    if is_pretokenized(cfg.dataset):
+        check_megatron(cfg)
+        return
     if is_file_source(cfg.dataset):
         for split in ("train", "eval"):
             listing = list_split(cfg.dataset, split)
@@ -47,7 +63,7 @@ def check(cfg, num_blocks_shown: int) -> None:
 
     # The run's tokenizer: the pretrained directory's own, if it has one (clm.data.tokenizer).
     vocab_size = load_model_config(cfg).vocab_size
-    tokenizer = load_model_tokenizer(cfg.model, vocab_size, cfg.cache_local_dir)
+    tokenizer = tokenizer_for(cfg, vocab_size)
     print(f"tokenizer: {tokenizer.name} (vocab {tokenizer.vocab_size}, bos {tokenizer.bos_id}, eos {tokenizer.eos_id}, "
           f"pad {tokenizer.pad_id}; the model's vocab_size is {vocab_size})")
 

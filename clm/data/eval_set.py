@@ -5,7 +5,9 @@ source, the rows of dataset.eval_split) is tokenized without BOS/EOS, concatenat
 order and cut into max_length blocks; the last block is padded. Then fully ignored blocks
 pad the count to a multiple of global_eval_batch_size. Padded positions get the tokenizer's
 EOS id as input (a valid id; the reference fed -100, which works only by accident on TPU)
-and cfg.pad_token_id as label, so they weigh nothing in the token-weighted eval loss.
+and cfg.pad_token_id as label, so they weigh nothing in the token-weighted eval loss. Labels
+are shifted as in training: position t is scored on its block's token t + 1, a block's last
+position on nothing.
 
 Every process tokenizes the whole set: the block boundaries depend on every document
 before them, and the 24,567 validation documents take seconds. Each process keeps only
@@ -22,6 +24,7 @@ import numpy as np
 
 from clm.data.encode import tokenize_chunks
 from clm.data.sources import ShardUnit, is_file_source, list_split
+from clm.data.train_stream import shifted_labels
 from clm.errors import UserError
 
 
@@ -45,9 +48,9 @@ class EvalSet:
         self.local_batch_size = local_batch_size
         self.num_blocks = num_blocks  # blocks holding real tokens, the last one maybe partial
         self.num_padding_blocks = num_padding_blocks  # fully ignored blocks added
-        self.num_tokens = num_tokens  # non-ignored labels, all processes together
-        self.num_target_tokens = num_target_tokens  # of those, the ones predicted after the shift
-        self.stats = stats  # documents, skipped_lines, replaced_utf8_lines
+        self.num_tokens = num_tokens  # tokens of the eval set, all processes together
+        self.num_target_tokens = num_target_tokens  # of those, the ones scored (labels not ignored)
+        self.stats = stats  # skipped_lines; documents, replaced_utf8_lines (text sources)
 
     @property
     def num_batches(self) -> int:
@@ -60,11 +63,6 @@ class EvalSet:
 
 
 def build_eval_set(cfg, tokenizer, process_index: int = 0, process_count: int = 1) -> EvalSet:
-    global_batch_size = cfg.global_eval_batch_size
-    if global_batch_size % process_count:
-        raise UserError(
-            f"global_eval_batch_size={global_batch_size} must be a multiple of the {process_count} processes"
-        )
     if is_file_source(cfg.dataset):
         units = [ShardUnit(path) for path in list_split(cfg.dataset, "eval").check()]
         source = f"dataset.eval_dataset_path={cfg.dataset.eval_dataset_path}"
@@ -79,27 +77,42 @@ def build_eval_set(cfg, tokenizer, process_index: int = 0, process_count: int = 
 
     L = cfg.max_length
     num_blocks = -(-len(tokens) // L)
-    num_batches = -(-num_blocks // global_batch_size)
-    total_blocks = num_batches * global_batch_size
-    input_ids = np.full(total_blocks * L, tokenizer.pad_id, dtype=np.int32)
-    labels = np.full(total_blocks * L, cfg.pad_token_id, dtype=np.int32)
+    input_ids = np.full(num_blocks * L, tokenizer.pad_id, dtype=np.int32)
+    blocks = np.full(num_blocks * L, cfg.pad_token_id, dtype=np.int32)
     input_ids[: len(tokens)] = tokens
-    labels[: len(tokens)] = tokens
+    blocks[: len(tokens)] = tokens
+    # Blocks are whole rows, so only a block's first token goes unpredicted.
+    labels = shifted_labels(blocks.reshape(num_blocks, L), cfg.pad_token_id)
+    return padded_eval_set(cfg, input_ids.reshape(num_blocks, L), labels, tokenizer.pad_id, len(tokens), stats,
+                           process_index, process_count)
 
-    def local_rows(array: np.ndarray) -> np.ndarray:
+
+def padded_eval_set(cfg, input_ids: np.ndarray, labels: np.ndarray, pad_input_id: int, num_tokens: int,
+                    stats: dict, process_index: int, process_count: int) -> EvalSet:
+    """Rows of inputs and (shifted) labels, padded with fully ignored rows to whole global
+    batches, of which this process keeps its rows."""
+    global_batch_size = cfg.global_eval_batch_size
+    if global_batch_size % process_count:
+        raise UserError(
+            f"global_eval_batch_size={global_batch_size} must be a multiple of the {process_count} processes"
+        )
+    num_blocks, L = input_ids.shape
+    num_batches = -(-num_blocks // global_batch_size)
+    padding = num_batches * global_batch_size - num_blocks
+
+    def local_rows(array: np.ndarray, fill: int) -> np.ndarray:
+        array = np.concatenate([array, np.full((padding, L), fill, dtype=np.int32)])
         per_batch = array.reshape(num_batches, process_count, global_batch_size // process_count, L)
         return np.ascontiguousarray(per_batch[:, process_index].reshape(-1, L))
 
-    # Blocks are whole rows, so only a block's first position goes unpredicted after the shift.
-    num_target_tokens = len(tokens) - num_blocks
     return EvalSet(
-        local_rows(input_ids),
-        local_rows(labels),
+        local_rows(input_ids, pad_input_id),
+        local_rows(labels, cfg.pad_token_id),
         global_batch_size // process_count,
         num_blocks=num_blocks,
-        num_padding_blocks=total_blocks - num_blocks,
-        num_tokens=len(tokens),
-        num_target_tokens=num_target_tokens,
+        num_padding_blocks=padding,
+        num_tokens=num_tokens,
+        num_target_tokens=int((labels != cfg.pad_token_id).sum()),
         stats=stats,
     )
 

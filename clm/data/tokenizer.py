@@ -99,10 +99,11 @@ def tokenizer_source(model_cfg) -> str | None:
     return None
 
 
-def load_model_tokenizer(model_cfg, vocab_size: int, cache_dir: str | None = None):
-    """The tokenizer of cfg.model (`tokenizer_source`), checked against the model's vocab_size."""
+def load_model_tokenizer(model_cfg, vocab_size: int | None, cache_dir: str | None = None):
+    """The tokenizer of cfg.model (`tokenizer_source`), checked against the model's vocab_size
+    (None: not checked)."""
     tokenizer = load_tokenizer(tokenizer_source(model_cfg), cache_dir)
-    if tokenizer.max_id >= vocab_size:
+    if vocab_size is not None and tokenizer.max_id >= vocab_size:
         knob = (f"model.tokenizer_name_or_path={model_cfg.tokenizer_name_or_path}" if model_cfg.tokenizer_name_or_path
                 else f"the tokenizer {tokenizer.name}")
         raise UserError(

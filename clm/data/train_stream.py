@@ -15,7 +15,8 @@ Per process (host), in this order:
    reference's streaming `datasets` shuffle does.
 4. Batch. micro batch = global_train_batch_size / gradient_accumulation_steps blocks, of
    which this process yields its 1/P share; the processes' batches concatenated in process
-   order form the global micro batch.
+   order form the global micro batch. Labels are the targets, already shifted: position t of
+   a block is scored on the block's token t + 1, its last position on nothing.
 
 The stream never ends: after the last unit, the next epoch starts (with a new unit order
 when shuffling); training stops at max_steps long before 256 C4 files run out.
@@ -75,7 +76,8 @@ class _Position:
 
 
 class TrainStream:
-    """An endless iterator of {"input_ids", "labels"}: int32 [local_batch_size, max_length]."""
+    """An endless iterator of {"input_ids", "labels"}: int32 [local_batch_size, max_length];
+    labels[:, t] is the target of position t (see shifted_labels)."""
 
     def __init__(
         self,
@@ -91,6 +93,7 @@ class TrainStream:
         process_index: int = 0,
         process_count: int = 1,
         prefetch_batches: int = 2,
+        ignore_id: int = -100,  # the label of unscored positions (pad_token_id)
         source: str = "dataset.train_dataset_path",  # the knob that names the data, for error messages
     ):
         self.units = units
@@ -104,6 +107,7 @@ class TrainStream:
         self.process_index = process_index
         self.process_count = process_count
         self.prefetch_batches = prefetch_batches
+        self.ignore_id = ignore_id
         self.source = source
         self._delivered = _Position()
         self._producer: threading.Thread | None = None
@@ -228,7 +232,7 @@ class TrainStream:
             while True:
                 input_ids = np.stack(list(itertools.islice(blocks, self.local_batch_size)))
                 position.rng_state = rng.bit_generator.state
-                yield {"input_ids": input_ids, "labels": input_ids.copy()}, position.copy()
+                yield {"input_ids": input_ids, "labels": shifted_labels(input_ids, self.ignore_id)}, position.copy()
 
     def _blocks(self, position: _Position, executor) -> Iterator[np.ndarray]:
         """Packed blocks in reading order, keeping `position` current after each one."""
@@ -298,14 +302,28 @@ def _put_unless_stopped(out: queue.Queue, item, stop: threading.Event) -> bool:
     return False
 
 
-def build_train_stream(cfg, tokenizer, process_index: int = 0, process_count: int = 1) -> TrainStream:
-    """This process's share of the training micro-batches (see the module docstring)."""
+def shifted_labels(blocks: np.ndarray, ignore_id: int) -> np.ndarray:
+    """A packed block's labels: position t is scored on token t + 1 of the block; its last
+    position has no target in the block and is ignored."""
+    labels = np.full_like(blocks, ignore_id)
+    labels[:, :-1] = blocks[:, 1:]
+    return labels
+
+
+def micro_batch_size(cfg, process_count: int) -> int:
+    """Rows of one global micro-batch (all processes together)."""
     micro_batch_size, remainder = divmod(cfg.global_train_batch_size, cfg.gradient_accumulation_steps)
     if remainder or micro_batch_size % process_count:
         raise UserError(
             f"global_train_batch_size={cfg.global_train_batch_size} must be a multiple of "
             f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} x {process_count} processes"
         )
+    return micro_batch_size
+
+
+def build_train_stream(cfg, tokenizer, process_index: int = 0, process_count: int = 1) -> TrainStream:
+    """This process's share of the training micro-batches (see the module docstring)."""
+    micro_batch_size_ = micro_batch_size(cfg, process_count)
     if is_file_source(cfg.dataset):
         units = shard_units(list_split(cfg.dataset, "train").check(), process_index, process_count)
         source = "dataset.train_dataset_path"
@@ -318,12 +336,13 @@ def build_train_stream(cfg, tokenizer, process_index: int = 0, process_count: in
         units,
         tokenizer,
         max_length=cfg.max_length,
-        local_batch_size=micro_batch_size // process_count,
+        local_batch_size=micro_batch_size_ // process_count,
         seed=cfg.seed,
         shuffle=cfg.shuffle,
         shuffle_buffer_size=cfg.dataset.shuffle_buffer_size,
         num_workers=cfg.dataset.num_proc or 1,
         process_index=process_index,
         process_count=process_count,
+        ignore_id=cfg.pad_token_id,
         source=source,
     )

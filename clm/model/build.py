@@ -117,14 +117,16 @@ class ShardedModel:
         return logits
 
     def loss_terms(self, input_ids: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> LossTerms:
-        """Next-token loss terms of one batch. Sums rather than a mean, so that eval weights every
-        token of the validation set equally. In training, MoE models add the family's
-        load-balancing loss and the router metrics, and accumulate the step's expert load."""
+        """Next-token loss terms of one batch. The labels are already shifted (labels[:, t] is
+        position t's target; clm.data), `ignore_index` marks the positions not scored. Sums
+        rather than a mean, so that eval weights every token of the validation set equally. In
+        training, MoE models add the family's load-balancing loss and the router metrics, and
+        accumulate the step's expert load."""
         logits = self(input_ids)
-        shift_logits = logits[:, :-1, :].float().reshape(-1, logits.shape[-1])
-        shift_labels = labels[:, 1:].reshape(-1)
-        loss_sum = F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index, reduction="sum")
-        terms = LossTerms(loss_sum, (shift_labels != ignore_index).sum(), torch.zeros((), device=logits.device), 0.0)
+        labels = labels.reshape(-1)
+        loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels, ignore_index=ignore_index,
+                                   reduction="sum")
+        terms = LossTerms(loss_sum, (labels != ignore_index).sum(), torch.zeros((), device=logits.device), 0.0)
         if self.routing is not None and self.module.training:
             aux = self.routing.load_balancing_loss(*input_ids.shape)
             if aux is not None:

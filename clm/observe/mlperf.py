@@ -23,9 +23,20 @@ import os
 from mlperf_logging.mllog import constants as C
 from mlperf_logging.mllog import mllog
 
-SCHEDULE_NAMES = {"WarmupHoldPolicy": "linear warmup then hold", "CosineAnnealing": "cosine with linear warmup"}
+from clm.optim import decay_steps
+
+# opt_learning_rate_decay_schedule per scheduler (and Megatron's lr_decay_style): the
+# references' own values (gpt-oss-20b: primus_mllog's mapping of lr_decay_style)
+SCHEDULE_NAMES = {"WarmupHoldPolicy": "linear warmup then hold", "CosineAnnealing": "cosine with linear warmup",
+                  "OptimizerParamScheduler": {"cosine": "cosine with linear warmup", "linear": "linear",
+                                              "constant": "constant"}}
 ADAMW_NAMES = {"ADAMW_TORCH_XLA", "AdamW"}
 TARGET_KEY = "target_eval_loss"  # not an mllog constant; the shipped rulesets read it
+
+
+def schedule_name(sched) -> str:
+    name = SCHEDULE_NAMES.get(sched.name, sched.name)
+    return name.get(sched.lr_decay_style, sched.lr_decay_style) if isinstance(name, dict) else name
 
 
 class _Lines(logging.Handler):
@@ -89,7 +100,10 @@ class MLPerfLogger:
             C.OPT_BASE_LR: cfg.lr,
             C.OPT_LR_WARMUP_STEPS: warmup_steps,
             C.OPT_LR_TRAINING_STEPS: cfg.max_steps,
-            C.OPT_LR_DECAY_SCHEDULE: SCHEDULE_NAMES.get(cfg.sched.name, cfg.sched.name),
+            C.OPT_LR_DECAY_SCHEDULE: schedule_name(cfg.sched),
+            C.OPT_LR_DECAY_STEPS: decay_steps(cfg.sched),
+            C.OPT_END_LR: cfg.sched.min_lr,
+            C.MAX_STEPS: cfg.max_steps,
             C.OPT_GRADIENT_CLIP_NORM: cfg.max_grad_norm,
             C.MOE_AUX_LOSS_COEFF: aux_loss_coef,
             C.TENSOR_PARALLELISM: cfg.tensor_parallelism,
