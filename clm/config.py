@@ -133,10 +133,10 @@ class Config:
     optimizer: str = MISSING
     prime_optimizer: bool = MISSING
     weight_decay: float = MISSING
+    weight_decay_norms_and_biases: bool = MISSING
     adam_beta1: float = MISSING
     adam_beta2: float = MISSING
     adam_eps: float = MISSING
-    weight_decay_norms_and_biases: bool = MISSING
     eval_frequency: int = MISSING
     eval_samples_interval: Optional[int] = MISSING
     checkpoint_manager_path: Optional[str] = MISSING
@@ -249,6 +249,10 @@ def _as_append_if_group(override: str) -> str:
     # `experiment` is not in the defaults list and Hydra would otherwise refuse it.
     if override.startswith("experiment="):
         return "+" + override
+    # `+model=NAME` (a preset of clm/conf/model): `model` is in the defaults list, so
+    # it is chosen there, not appended.
+    if override.startswith("+model="):
+        return override[1:]
     return override
 
 

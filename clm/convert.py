@@ -8,8 +8,10 @@ never the whole model on one host) and saves step 0 of a torch_xla CheckpointMan
 directory OUT (local or gs://), {"model": state_dict}, which `checkpoint_manager_path=OUT`
 loads; the step also gets the config.json. checkpoint-to-hf reads the "model" entry of a
 step directory (or the newest complete step under a directory of steps), one output file's
-tensors at a time through torch.distributed.checkpoint, and writes safetensors files in the
-hub's names with an index and config.json, which `MixtralForCausalLM.from_pretrained` loads.
+tensor (or the few one hub tensor is made of) at a time through torch.distributed.checkpoint, and writes safetensors files in the
+hub's names with an index and config.json, which transformers' `from_pretrained` loads. Both
+directions convert between the hub's layout and transformers' in-memory one with transformers'
+own conversion mapping for the model's family (clm.model.weights).
 """
 
 from __future__ import annotations
@@ -73,25 +75,35 @@ def checkpoint_to_hf(checkpoint: str, out_dir: str, max_shard_bytes: int, config
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     from clm.model import weights
+    from clm.model.config import config_from_fields, meta_model
+    from clm.parallel.sharding import model_tensors
 
     step_dir = resolve_step_dir(checkpoint)
     fields = _config_fields(step_dir, config)
+    model = meta_model(config_from_fields(fields, f"CHECKPOINT={step_dir} config.json"))
     metadata = storage_reader(step_dir).read_metadata()
     prefix = MODEL_KEY + "."
     entries = {key[len(prefix):]: md for key, md in metadata.state_dict_metadata.items()
                if key.startswith(prefix) and isinstance(md, TensorStorageMetadata)}
     if not entries:
         raise UserError(f"CHECKPOINT={step_dir}: no '{MODEL_KEY}' tensors in it")
+    wanted = model_tensors(model)
+    absent = sorted(wanted.keys() - entries.keys())
+    if absent:
+        raise UserError(f"CHECKPOINT={step_dir}: no {', '.join(absent[:3])} in it, which its config.json's "
+                        f"{fields.get('model_type')} model has; pass the --config it was trained with")
 
     def tensors():
-        # One tensor at a time from the checkpoint: memory is one tensor plus the file being filled.
-        for name, md in entries.items():
-            state = {MODEL_KEY: {name: torch.empty(tuple(md.size), dtype=md.properties.dtype)}}
+        # A few tensors at a time from the checkpoint (those one hub tensor is made of): memory is
+        # about one tensor plus the file being filled.
+        for group in weights.export_groups(model, [name for name in entries if name in wanted]):
+            state = {MODEL_KEY: {name: torch.empty(tuple(entries[name].size), dtype=entries[name].properties.dtype)
+                                 for name in group}}
             with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
                 dcp.load(state, storage_reader=storage_reader(step_dir),
                          planner=DefaultLoadPlanner(allow_partial_load=True))
-            yield from weights.to_hub(name, state[MODEL_KEY][name])
+            yield from weights.to_hub(model, state[MODEL_KEY]).items()
 
     fields = {**fields, "torch_dtype": str(next(iter(entries.values())).properties.dtype).split(".")[1]}
     return weights.write_hub(tensors(), out_dir, fields, max_shard_bytes)
@@ -114,7 +126,10 @@ def hf_to_checkpoint(hf_dir: str, out: str, dtype: str | None = None) -> str:
     if manager.all_steps():
         raise UserError(f"OUT={out}: already holds checkpoint steps {manager.all_steps()}; give a new directory")
     model = build_sharded_model(cfg, parallel.mesh_shape(runtime.device_count(), 1, 1, 1), hf_config)
-    manager.save(0, {MODEL_KEY: model.state_dict()}, force=True)
+    # The trainer's sharded save of the model (its tensors as they live on the devices, each
+    # host writing its own shards), synchronous: shard by shard, so the host holds about one
+    # tensor's shards at a time, where the asynchronous save first copies every shard to host.
+    manager.save(0, {MODEL_KEY: checkpoint.model_state(model.module)}, force=True)
     with storage.open(storage.join(out, "0", "config.json"), "w") as f:
         f.write(json.dumps(source.config_fields, indent=2) + "\n")
     return storage.join(out, "0")

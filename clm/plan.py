@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig
 
-from clm import tpu
+from clm import metrics, tpu
 from clm.cli import run_command
 from clm.errors import UserError
+from clm.model import family
 from clm.parallel import MeshShape, check_model_fits_mesh, mesh_shape, plan_model
 from clm.parallel.mesh import axes_of
 
@@ -59,33 +60,47 @@ def parse_topology(text: str) -> Topology:
 def activation_bytes(cfg: DictConfig, hf_config, mesh: MeshShape) -> dict[str, float]:
     """Per-device activation estimate for one micro-batch, forward and backward.
 
-    tokens = rows per device x S. Per layer, with b bytes per element and tp = tensor size:
-      saved input     tokens*H*b                                 (all an activation-checkpointed layer keeps)
-      attention       tokens*(2*Hq*d + 2*Hkv*d)/tp*b             (q, k, v, output; flash keeps no S x S scores,
-                      + rows*Hq/tp*S*S*b without flash attention)
-      MoE             slots*(2*H + 3*I/tp)*b, slots = tokens*K*cf (dispatched, gate/up, activated, output;
-                                                                 dropless: cf = 1 with the grouped matmul)
-      other           4*tokens*H*b                               (norms, residuals)
-    Backward needs about as much again as the forward of the layer it differentiates.
-    Logits: tokens*V/tp*(b + 4 + 4) (model dtype, fp32 for the loss, fp32 gradient).
-    With checkpointing: L * saved input + 2 * one layer + logits; without: 2 * L * one layer + logits.
+    tokens = rows per device x S. Per layer, with b bytes per element, tp = tensor size, d_qk and
+    d_v the query/key and value head dims (MLA's own for DeepSeek), m the MLP's intermediate
+    activations per token in units of its width (gate, up, activated: 3 gated; 2 not), as
+    clm.metrics reads them from the config:
+      saved input     tokens*H*b                                  (all an activation-checkpointed layer keeps)
+      attention       tokens*(Hq*d_qk + Hkv*(d_qk + d_v) + Hq*d_v)/tp*b   (q, k, v, output; flash keeps no
+                      + rows*Hq/tp*S*S*b without flash attention)          S x S scores)
+      MoE layer       slots*(2*H + m*I_e/tp)*b, slots = tokens*K*cf   (dispatched, gate/up, activated,
+                      + tokens*m*I_shared/tp*b                          output; dropless: cf = 1 with the
+                                                                        grouped matmul; shared experts)
+      dense layer     tokens*m*I/tp*b
+      other           4*tokens*H*b                                (norms, residuals)
+    One layer is the largest of them. Backward needs about as much again as the forward of the
+    layer it differentiates. Logits: tokens*V/tp*(b + 4 + 4) (model dtype, fp32 for the loss, fp32
+    gradient). With checkpointing: L * saved input + 2 * one layer + logits; without: 2 * L * one
+    layer + logits.
     """
     b = torch.tensor([], dtype=getattr(torch, cfg.model.dtype)).element_size()
     micro_batch = cfg.global_train_batch_size // cfg.gradient_accumulation_steps
     rows = math.ceil(micro_batch / mesh.data_parallel)
     S, tp = cfg.max_length, mesh.tensor
     tokens = rows * S
-    H, I, V, L = hf_config.hidden_size, hf_config.intermediate_size, hf_config.vocab_size, hf_config.num_hidden_layers
-    Hq, Hkv, K = hf_config.num_attention_heads, hf_config.num_key_value_heads, hf_config.num_experts_per_tok
-    d = getattr(hf_config, "head_dim", None) or H // Hq
+    H, V, L = hf_config.hidden_size, hf_config.vocab_size, hf_config.num_hidden_layers
+    Hq, Hkv = family.num_attention_heads(hf_config), family.num_key_value_heads(hf_config)
+    d_qk, d_v = metrics.attention_head_dims(hf_config)
     cf = cfg.model.capacity_factor if cfg.model.capacity_factor > 0 else 1.0
+    intermediates = metrics.mlp_matrices(hf_config)  # gate, up and activated; or up and activated
 
     saved_input = tokens * H * b
-    attention = tokens * (2 * Hq * d + 2 * Hkv * d) / tp * b
+    attention = tokens * (Hq * d_qk + Hkv * (d_qk + d_v) + Hq * d_v) / tp * b
     if not cfg.model.flash_attention:
         attention += rows * Hq / tp * S * S * b
-    moe = tokens * K * cf * (2 * H + 3 * I / tp) * b
-    layer = attention + moe + 4 * tokens * H * b
+
+    def mlp(layer: int) -> float:
+        if not metrics.is_moe_layer(hf_config, layer):
+            return tokens * intermediates * metrics.dense_mlp_width(hf_config) / tp * b
+        slots = tokens * hf_config.num_experts_per_tok * cf
+        return (slots * (2 * H + intermediates * metrics.expert_width(hf_config) / tp)
+                + tokens * intermediates * metrics.shared_expert_width(hf_config) / tp) * b
+
+    layer = attention + max(mlp(i) for i in range(L)) + 4 * tokens * H * b
     logits = tokens * V / tp * (b + 4 + 4)
     if cfg.model.fsdp_config.xla_fsdp_grad_ckpt:
         total = L * saved_input + 2 * layer + logits
@@ -129,7 +144,7 @@ class MemoryPlan:
 
 
 def memory_plan(cfg: DictConfig, hf_config, mesh: MeshShape) -> MemoryPlan:
-    from clm.model.build import meta_model
+    from clm.model.config import meta_model
 
     model = meta_model(hf_config)
     shapes = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
@@ -181,8 +196,14 @@ def print_plan(cfg: DictConfig, topology: Topology) -> dict[str, float]:
     verdict = "fits" if total <= usable else "does NOT fit"
     print(f"Total {total / GB:.2f} GB of {topology.hbm_gb:g} GB HBM: {verdict} "
           f"({USABLE_FRACTION:.0%} usable; activations are an estimate, see clm/plan.py)")
+    flops = metrics.training_flops_per_token(hf_config, cfg.max_length)
+    reference = metrics.reference_flops_per_token(hf_config, memory.num_params)
+    active = metrics.active_matmul_weights(hf_config)
+    print(f"Training FLOPs per token: {flops:.3g} (MaxText's convention: {active / 1e9:.2f}B active weights of "
+          f"{memory.num_params / 1e9:.2f}B, attention at S={cfg.max_length}); the reference's 6*N*K/E: {reference:.3g}")
     summary = {"params_b": memory.num_params / 1e9, **{f"{k}_gb": v / GB for k, v in totals.items()},
-               "total_gb": total / GB, "hbm_gb": topology.hbm_gb}
+               "total_gb": total / GB, "hbm_gb": topology.hbm_gb, "active_params_b": active / 1e9,
+               "gflops_per_token": flops / 1e9}
     print(f"plan: topology={topology.name} chips={topology.chips} "
           + " ".join(f"{k}={v:.2f}" for k, v in summary.items()) + f" fits={'yes' if total <= usable else 'no'}")
     return {**summary, "fits": total <= usable}
@@ -219,7 +240,7 @@ def gathered_layer_parameters(memory: MemoryPlan) -> float:
     tensor and expert axes still split."""
     layers: dict[str, float] = defaultdict(float)
     for entry in memory.entries:
-        match = re.match(r"model\.layers\.(\d+)\.", entry.name)
+        match = re.search(r"(?:^|\.)(?:layers|h)\.(\d+)\.", entry.name)  # GPT-2 names its layers h
         if match:
             split = math.prod(
                 memory.mesh.sizes[a] for spec in entry.spec for a in axes_of(spec) if a in ("tensor", "expert"))

@@ -137,9 +137,9 @@ def read_range(path: str, start: int, length: int) -> bytes:
         with open(path, "rb") as f:
             f.seek(start)
             return f.read(length)
-    fs, raw = filesystem(path)
+    fs, name = filesystem(path)
     with _gcs_errors(path):
-        return fs.cat_file(raw, start=start, end=start + length)
+        return fs.cat_file(name, start=start, end=start + length)
 
 
 def size(path: str) -> int:

@@ -99,7 +99,7 @@ class Trainer:
         self.mlperf.init_start()
         self.resolved_config = redact(OmegaConf.to_container(cfg, resolve=True))  # no secret reaches a file or W&B
 
-        self.tokenizer = data.tokenizer_for(cfg)  # None for pre-tokenized data
+        self.tokenizer = data.tokenizer_for(cfg, hf_config.vocab_size)  # None for pre-tokenized data
 
         self.model = build_sharded_model(cfg, mesh_shape, hf_config)
         self.mesh = self.model.mesh
@@ -235,9 +235,7 @@ class Trainer:
             (terms.loss / accum).backward()
             lm_losses.append(terms.lm_loss.detach())
             aux_losses.append(terms.aux_loss.detach())
-            # Every input token (inputs are never pad_token_id); labels are shifted, so each
-            # row's last position is unscored and counting labels would miss it.
-            tokens.append((input_ids != cfg.pad_token_id).sum())
+            tokens.append((input_ids != cfg.pad_token_id).sum())  # every input (inputs are never pad_token_id)
             if micro_step < accum - 1:
                 # One graph per micro-batch keeps one micro-batch of activations alive.
                 torch_xla.sync()

@@ -65,7 +65,7 @@ def family_config(model_type: str, **overrides):
     """The transformers config of a tiny `model_type` model."""
     from transformers import AutoConfig
 
-    return AutoConfig.for_model(model_type, vocab_size=VOCAB, **{**FAMILIES[model_type], **overrides})
+    return AutoConfig.for_model(model_type, **{"vocab_size": VOCAB, **FAMILIES[model_type], **overrides})
 
 
 def write_family(out: Path, model_type: str, seed: int = 0, dtype=torch.float32, tokenizer: bool = True,

@@ -79,6 +79,13 @@ def tokens(seed: int, vocab: int = 32000) -> torch.Tensor:
     return torch.randint(0, vocab, (BATCH, LENGTH), generator=torch.Generator().manual_seed(seed))
 
 
+def next_tokens(input_ids: torch.Tensor) -> torch.Tensor:
+    """The labels clm's data gives the loss: already shifted, the last position not scored."""
+    labels = input_ids.roll(-1, dims=1)
+    labels[:, -1] = -100
+    return labels
+
+
 def reference_forward(directory: Path, input_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
     """transformers' own model from the directory: stock experts, its default attention, fp32."""
     from transformers import AutoModelForCausalLM
@@ -89,11 +96,6 @@ def reference_forward(directory: Path, input_ids: torch.Tensor) -> tuple[torch.T
     return output.logits, output.loss.item()
 
 
-def shifted(input_ids: torch.Tensor) -> torch.Tensor:
-    """The labels clm's data gives (position t's target is token t + 1; the last is unscored)."""
-    return torch.cat([input_ids[:, 1:], torch.full_like(input_ids[:, :1], -100)], dim=1)
-
-
 def clm_forward(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
     """The eval loss as the trainer computes it, and the logits of that same forward."""
     logits = []
@@ -101,7 +103,7 @@ def clm_forward(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
     model.eval()
     with torch.no_grad():
         device_ids = input_ids.to(torch_xla.device())
-        terms = model.loss_terms(device_ids, shifted(device_ids), -100)
+        terms = model.loss_terms(device_ids, next_tokens(input_ids).to(torch_xla.device()), -100)
         torch_xla.sync()
     handle.remove()
     return logits[0].cpu(), (terms.loss_sum / terms.num_scored).item()
@@ -304,8 +306,8 @@ def test_activation_checkpointing_keeps_every_gradient(tmp_path, model_type, lay
         _, model = build(directory, f"model.fsdp_config.xla_fsdp_grad_ckpt={checkpointed}",
                          f"model.fsdp_config.fsdp_transformer_layer_cls_to_wrap=[{layer}]")
         model.train()
-        input_ids = tokens(0).to(torch_xla.device())
-        terms = model.loss_terms(input_ids, shifted(input_ids), -100)
+        input_ids = tokens(0)
+        terms = model.loss_terms(input_ids.to(torch_xla.device()), next_tokens(input_ids).to(torch_xla.device()), -100)
         terms.loss.backward()
         torch_xla.sync()
         grads[checkpointed] = {name: p.grad.cpu() for name, p in model.named_parameters()}
@@ -337,8 +339,8 @@ def test_three_bf16_train_steps(family_dirs, model_type):
     losses, compiles, drops = [], [], []
     for step in range(3):
         before = compile_count()
-        input_ids = tokens(step, vocab=64).to(torch_xla.device())  # a small vocabulary: quick to learn
-        terms = model.loss_terms(input_ids, shifted(input_ids), -100)
+        input_ids = tokens(step, vocab=64)  # a small vocabulary: quick to learn
+        terms = model.loss_terms(input_ids.to(torch_xla.device()), next_tokens(input_ids).to(torch_xla.device()), -100)
         terms.loss.backward()
         grads = {name: p.grad for name, p in model.named_parameters()}
         optimizer.step()
@@ -447,6 +449,320 @@ def test_router_bias_update_needs_a_correction_bias(family_dirs, tmp_path, capsy
     assert "mixtral has no routing correction bias" in one_error_line(capsys)
 
 
+# =========================================================================================
+# Weights, config, tokenizer, FLOPs and presets (models-io): the hub layout of every family
+# loads sharded as transformers' from_pretrained reads it and exports back to it; bad model
+# directories are one line; FLOPs per token against a count on the model; a plan per preset.
+# =========================================================================================
+
+
+def hub_state(directory: Path) -> dict[str, torch.Tensor]:
+    """What transformers' own from_pretrained makes of a hub-layout directory."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).state_dict()
+
+
+def device_state(model) -> dict[str, torch.Tensor]:
+    return {name: tensor.cpu() for name, tensor in parallel.sharding.model_tensors(model.module).items()}
+
+
+def assert_same_state(actual: dict, expected: dict, what: str) -> None:
+    assert actual.keys() <= expected.keys(), (what, sorted(actual.keys() - expected.keys()))
+    for name, tensor in actual.items():
+        assert torch.equal(tensor, expected[name]), f"{what}: {name}"
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_hub_layout_loads_sharded_and_exports_back(family_dirs, model_type, tmp_path):
+    """model.name_or_path on an fsdp x tensor x expert mesh holds exactly from_pretrained's tensors
+    (no random init); hf-to-checkpoint then checkpoint-to-hf give the family's hub layout again
+    (the same tensor names), which from_pretrained loads to the same tensors."""
+    from clm.convert import checkpoint_to_hf, hf_to_checkpoint
+    from clm.model import init
+
+    directory = family_dirs[model_type]
+    expert = 2 if model_type in MOE_FAMILIES else 1
+    runtime.setup(None, False)
+    cfg = model_config(directory, f"model.name_or_path={directory}", "tensor_parallelism=2",
+                       f"expert_parallelism={expert}")
+    initialized = init.initialized["parameters"]
+    model = build_sharded_model(cfg, parallel.mesh_shape(8, 2, expert, 1))
+    assert init.initialized["parameters"] == initialized, "a pretrained start does no random init"
+    expected = hub_state(directory)
+    assert_same_state(device_state(model), expected, f"{model_type} loaded")
+
+    hf_to_checkpoint(str(directory), str(tmp_path / "ckpt"))
+    checkpoint_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "hub"), 100_000)
+    names = lambda d: json.loads((d / "model.safetensors.index.json").read_text())["weight_map"].keys()  # noqa: E731
+    assert set(names(tmp_path / "hub")) == set(names(directory))
+    exported = hub_state(tmp_path / "hub")
+    assert exported.keys() == expected.keys()
+    assert_same_state(exported, expected, f"{model_type} exported")
+
+
+def test_hub_layout_loads_on_one_device_for_every_family(family_dirs, tmp_path):
+    env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
+    directories = json.dumps({name: str(path) for name, path in family_dirs.items()})
+    result = subprocess.run([sys.executable, __file__, "hub_one_device", directories, str(tmp_path)],
+                            capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for model_type, directory in family_dirs.items():
+        assert_same_state(torch.load(tmp_path / f"{model_type}.state.pt"), hub_state(directory), model_type)
+
+
+class Held(__import__("clm.model.weights", fromlist=["Lazy"]).Lazy):
+    """A Lazy over a tensor in memory: transformers' ops run on it as on the hub's tensors."""
+
+    def __init__(self, tensor: torch.Tensor):
+        super().__init__(tensor.shape, tensor.dtype)
+        self.tensor = tensor
+
+    def read(self, index):
+        return self.tensor[index]
+
+
+def every_slice(shape):
+    """A few index tuples of contiguous slices, straddling the middle of every dimension."""
+    import itertools
+
+    choices = [[slice(0, n), slice(0, max(1, n // 2)), slice(n // 3, n), slice(n // 2, n // 2 + 1)] for n in shape]
+    return itertools.product(*choices)
+
+
+@pytest.mark.parametrize("ops", ["merge_concatenate", "chunk", "transpose", "interleave"])
+def test_slices_of_converted_tensors_equal_the_converted_tensors_sliced(ops):
+    """Each conversion op of transformers' mapping, run on lazy tensors, reads any slice of its
+    result as that slice of the op run on the tensors themselves (interleave has no slice rule:
+    it is computed whole, then sliced)."""
+    from transformers.core_model_loading import Chunk, Concatenate, Interleave, MergeModulelist, Transpose
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(6, 4, generator=generator) for _ in range(6)]
+    if ops == "merge_concatenate":
+        run = [MergeModulelist(dim=0), Concatenate(dim=1)]
+        inputs = {"w1": tensors[:3], "w3": tensors[3:]}
+        patterns = (["w1", "w3"], ["gate_up"])
+    else:
+        run = {"chunk": [Chunk(dim=0)], "transpose": [Transpose(0, 1)], "interleave": [Interleave(dim=0)]}[ops]
+        inputs = {"fused": [torch.cat(tensors[:2])]}
+        patterns = (["fused"], ["q", "k"] if ops == "chunk" else ["out"])
+
+    def convert(values):
+        for op in run:
+            values = op.convert(values, source_patterns=patterns[0], target_patterns=patterns[1])
+        return {k: v[0] if isinstance(v, list) else v for k, v in values.items()}
+
+    expected = convert({k: list(v) for k, v in inputs.items()})
+    lazy = convert({k: [Held(t) for t in v] for k, v in inputs.items()})
+    assert lazy.keys() == expected.keys()
+    for name, value in expected.items():
+        assert tuple(lazy[name].shape) == tuple(value.shape)
+        for index in every_slice(value.shape):
+            torch.testing.assert_close(lazy[name].read(index), value[index], rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------- bad model input
+
+
+def rewrite_config(directory: Path, **fields) -> Path:
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, **fields}))
+    return directory
+
+
+def drop_tensor(directory: Path, name: str) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    index_file = directory / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    file = index["weight_map"].pop(name)
+    tensors = load_file(directory / file)
+    del tensors[name]
+    save_file(tensors, directory / file, metadata={"format": "pt"})
+    index_file.write_text(json.dumps(index))
+    return directory
+
+
+def copy_family(family_dirs, model_type: str, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(family_dirs[model_type], tmp_path / model_type))
+
+
+@pytest.mark.parametrize("case", ["unknown", "seq2seq", "encoder", "missing", "mis-shaped", "quantized",
+                                  "vocabulary"])
+def test_bad_model_directories_are_one_line(family_dirs, tmp_path, capsys, case):
+    from transformers import AutoConfig
+
+    if case == "unknown":
+        directory = rewrite_config(copy_family(family_dirs, "llama", tmp_path), model_type="llama9")
+        message = "model_type 'llama9' is not an architecture this transformers knows"
+    elif case in ("seq2seq", "encoder"):
+        directory = tmp_path / case
+        directory.mkdir()
+        architecture = "t5" if case == "seq2seq" else "bert"
+        config = AutoConfig.for_model(architecture, architectures=["T5Model" if case == "seq2seq" else "BertForMaskedLM"])
+        config.save_pretrained(directory)
+        message = ("T5Model is an encoder-decoder (seq2seq) model" if case == "seq2seq"
+                   else "BertForMaskedLM is an encoder; clm trains decoder-only causal LMs")
+        code = run_clm(f"model.config_path={directory / 'config.json'}", f"output_dir={tmp_path / 'out'}")
+        assert code == EXIT_USER_ERROR and message in one_error_line(capsys)
+        return
+    elif case == "missing":
+        directory = drop_tensor(copy_family(family_dirs, "deepseek_v3", tmp_path),
+                                "model.layers.2.mlp.experts.3.up_proj.weight")
+        message = "missing tensors model.layers.2.mlp.experts.3.up_proj.weight"
+    elif case == "mis-shaped":
+        directory = rewrite_config(copy_family(family_dirs, "qwen2_moe", tmp_path), shared_expert_intermediate_size=64)
+        message = "tensor model.layers.0.mlp.shared_expert.down_proj.weight has shape [64, 96] but config.json implies [64, 64]"
+    elif case == "quantized":
+        directory = rewrite_config(copy_family(family_dirs, "gpt_oss", tmp_path),
+                                   quantization_config={"quant_method": "mxfp4"})
+        message = "its weights are mxfp4-quantized; clm trains from bf16 or fp32 weights. Write a dequantized copy once"
+    else:  # a model whose vocabulary is smaller than its own directory's tokenizer
+        from families import write_family as write
+
+        directory = write(tmp_path / "small_vocab", "llama", vocab_size=1000)
+        message = "its ids go up to 31999 but the model's vocab_size is 1000"
+    code = run_clm(f"model.name_or_path={directory}", f"output_dir={tmp_path / 'out'}", "max_steps=1")
+    assert code == EXIT_USER_ERROR
+    assert message in one_error_line(capsys)
+    assert not (tmp_path / "out" / "moe_trial" / "metrics.jsonl").exists()
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_comes_from_the_model_directory(family_dirs, tmp_path):
+    """tokenizer.model (SentencePiece's own ids, leading '▁' included) over tokenizer.json; a
+    directory with only tokenizer.json gets the Hugging Face tokenizer, its EOS as padding; none:
+    the Mixtral v1 model."""
+    import shutil
+
+    import sentencepiece
+    from omegaconf import OmegaConf
+    from transformers import AutoTokenizer
+
+    from clm.data.tokenizer import load_model_tokenizer, mixtral_v1_tokenizer_path
+
+    both = Path(shutil.copytree(family_dirs["llama"], tmp_path / "both"))
+    AutoTokenizer.from_pretrained(both).save_pretrained(both)  # adds tokenizer.json, keeps tokenizer.model
+    only_json = Path(shutil.copytree(both, tmp_path / "only_json"))
+    (only_json / "tokenizer.model").unlink()
+    bare = write_family(tmp_path / "bare", "llama", tokenizer=False)
+
+    def tokenizer(directory: Path, override=None):
+        model_cfg = OmegaConf.create({"name_or_path": str(directory), "tokenizer_name_or_path": override})
+        return load_model_tokenizer(model_cfg, 32000)
+
+    sentencepiece_ids = sentencepiece.SentencePieceProcessor(model_file=mixtral_v1_tokenizer_path()).encode("Hello")
+    assert sentencepiece_ids == [22557]
+    assert tokenizer(both).encode_batch(["Hello"]) == [sentencepiece_ids]
+    hf = tokenizer(only_json)
+    assert hf.name == str(only_json) and type(hf).__name__ == "HuggingFaceTokenizer"
+    assert (hf.bos_id, hf.eos_id, hf.pad_id) == (1, 2, 2)
+    assert hf.encode_batch(["Hello"]) == [[16230]]  # transformers 5 drops the leading '▁' (docs/design.md)
+    default = tokenizer(bare)
+    assert default.name == mixtral_v1_tokenizer_path() and (default.eos_id, default.pad_id) == (2, 2)
+    assert tokenizer(bare, str(only_json)).name == str(only_json)
+
+
+# ------------------------------------------------------------------------- FLOPs per token
+
+
+def counted_matmul_weights(config) -> float:
+    """The weights one token multiplies by, counted on transformers' model itself: every matrix
+    but the embedding lookups, routed experts' stacked [E, ...] matrices at K of E, the output
+    head counted when tied to the embedding too."""
+    from clm.model.config import meta_model
+    from clm.model.family import num_experts
+
+    model = meta_model(config)
+    lookups = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    E = num_experts(config)
+    total = 0.0
+    for name, parameter in model.named_parameters():
+        if parameter.dim() < 2 or id(parameter) in lookups or name.endswith("bias"):
+            continue
+        routed = ".experts." in name and E and parameter.shape[0] == E and parameter.dim() == 3
+        total += parameter.numel() * (config.num_experts_per_tok / E if routed else 1)
+    if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
+        total += model.get_output_embeddings().weight.numel()
+    return total
+
+
+# Attention by hand for the tiny families at S=32, per layer: keys attended on average x query
+# heads x (q/k head dim + v head dim).
+ATTENTION_BY_HAND = {
+    "mixtral": 2 * 16 * 4 * (16 + 16),  # head_dim = 64 / 4
+    "qwen3_moe": 2 * 16 * 4 * (16 + 16),
+    "olmoe": 2 * 16 * 4 * (16 + 16),
+    "qwen2_moe": 3 * 16 * 4 * (16 + 16),
+    "deepseek_v3": 3 * 16 * 4 * (24 + 16),  # MLA: qk_nope 16 + qk_rope 8, v_head_dim 16
+    "gpt_oss": (8 - 8 * 8 / 64 + 16) * 4 * (16 + 16),  # window 8 on layer 0: 8 - 8^2/(2*32) keys
+    "llama": 2 * 16 * 4 * (16 + 16),
+    "gpt2": 2 * 16 * 4 * (16 + 16),
+}
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_flops_per_token_against_the_model_and_attention_by_hand(model_type):
+    from clm.metrics import active_matmul_weights, reference_flops_per_token, training_flops_per_token
+    from clm.model.config import meta_model
+    from clm.model.family import num_experts
+
+    config = family_config(model_type)
+    assert active_matmul_weights(config) == counted_matmul_weights(config)
+    assert training_flops_per_token(config, 32) == pytest.approx(
+        6 * (counted_matmul_weights(config) + ATTENTION_BY_HAND[model_type]), rel=1e-12)
+    parameters = sum(p.numel() for p in meta_model(config).parameters())
+    ratio = config.num_experts_per_tok / num_experts(config) if model_type in MOE_FAMILIES else 1
+    assert reference_flops_per_token(config, parameters) == pytest.approx(6 * parameters * ratio)
+
+
+# ------------------------------------------------------------------------------ presets
+
+# Each preset on a topology where it fits, as a user would plan it.
+PRESET_PLANS = {
+    "mixtral_8x7b": ["v5p-128", "model.dtype=bfloat16", "max_length=4096", "per_device_train_batch_size=1",
+                     "model.fsdp_config.xla_fsdp_grad_ckpt=true"],
+    "mixtral_8x22b": ["v5p-256", "model.dtype=bfloat16", "max_length=4096", "per_device_train_batch_size=1",
+                      "model.fsdp_config.xla_fsdp_grad_ckpt=true"],
+    "qwen3_30b_a3b": ["v5p-256", "model.dtype=bfloat16", "max_length=4096", "per_device_train_batch_size=1"],
+    "deepseek_v3_671b": ["v5p-1024", "model.dtype=bfloat16", "expert_parallelism=64", "max_length=4096",
+                         "per_device_train_batch_size=1", "model.fsdp_config.xla_fsdp_grad_ckpt=true"],
+    "gpt_oss_20b": ["v5p-64", "model.dtype=bfloat16", "max_length=8192", "per_device_train_batch_size=1",
+                    "model.fsdp_config.xla_fsdp_grad_ckpt=true"],
+    "olmoe_1b_7b": ["v5e-16", "model.dtype=bfloat16", "max_length=4096", "per_device_train_batch_size=1",
+                    "model.fsdp_config.xla_fsdp_grad_ckpt=true"],
+    "llama3_1_8b": ["v5p-64", "model.dtype=bfloat16", "max_length=8192", "per_device_train_batch_size=1",
+                    "model.fsdp_config.xla_fsdp_grad_ckpt=true"],
+}
+# Parameters of the published models (transformers' count of the configs shipped).
+PRESET_PARAMETERS_B = {"mixtral_8x7b": 46.70, "mixtral_8x22b": 140.62, "qwen3_30b_a3b": 30.53,
+                       "deepseek_v3_671b": 671.03, "gpt_oss_20b": 20.91, "olmoe_1b_7b": 6.92, "llama3_1_8b": 8.03}
+
+
+@pytest.mark.parametrize("preset", PRESET_PLANS)
+def test_plan_for_every_preset_with_no_download(preset, capsys):
+    from clm.metrics import training_flops_per_token
+    from clm.model.config import load_model_config
+    from clm.plan import main, parse_topology
+
+    topology, *overrides = PRESET_PLANS[preset]
+    assert main([topology, f"+model={preset}", *overrides]) == 0
+    summary = dict(kv.split("=") for kv in capsys.readouterr().out.strip().splitlines()[-1].split()[1:])
+    assert summary["fits"] == "yes", summary
+    assert float(summary["params_b"]) == pytest.approx(PRESET_PARAMETERS_B[preset], abs=0.005)
+    length = int(next(o.split("=")[1] for o in overrides if o.startswith("max_length=")))
+    cfg = load_config([f"+model={preset}", *overrides], num_devices=parse_topology(topology).chips)
+    assert float(summary["gflops_per_token"]) == pytest.approx(
+        training_flops_per_token(load_model_config(cfg), length) / 1e9, abs=0.005)
+    if preset == "deepseek_v3_671b":
+        assert cfg.model.router_bias_update is True
+
+
 # ------------------------------------------------------------------- subprocess worker
 
 
@@ -458,3 +774,9 @@ if __name__ == "__main__":
             _, model = build(Path(directory), moe_knob, devices=1)
             logits, loss = clm_forward(model, tokens(0))
             torch.save({"logits": logits, "loss": loss}, Path(out) / f"{model_type}.pt")
+    elif mode == "hub_one_device":
+        runtime.setup(None, False)
+        for model_type, directory in json.loads(directories).items():
+            cfg = model_config(Path(directory), f"model.name_or_path={directory}", devices=1)
+            model = build_sharded_model(cfg, parallel.mesh_shape(1, 1, 1, 1))
+            torch.save(device_state(model), Path(out) / f"{model_type}.state.pt")

@@ -23,7 +23,7 @@ from clm.config import load_config
 from clm.data import build_eval_set, build_train_stream, validate_dataset
 from clm.data.dump import first_samples
 from clm.errors import EXIT_USER_ERROR, UserError
-from test_data_gcs import gcs_server  # noqa: F401  (the fixture)
+from test_data_gcs import gcs_server, upload  # noqa: F401  (gcs_server: the fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 EOD = 7
@@ -328,6 +328,7 @@ def test_validation_reads_little_and_names_the_knob(data_dir):
 # kinds, an eval every 16 samples (2 steps) on 16 validation samples, a checkpoint every 2 steps.
 RUN = {"max_steps": 4, "checkpoint_every": 2, "eval_samples_interval": 16, "n_eval_examples": 16,
        "do_first_eval": "false", "per_device_train_batch_size": 1, "prime_optimizer": "false",
+       "weight_decay_norms_and_biases": "false",
        "sched": "OptimizerParamScheduler", "sched.lr_warmup_iters": 1, "sched.min_lr": 4e-5, "lr": 4e-4,
        "adam_beta2": 0.95, "adam_eps": 1e-5, "mlperf.benchmark": "gpt_oss_20b", "model.capacity_factor": 0}
 # The keys whose official 6.0.0 rules a run of this size cannot meet: the sequence length,
@@ -373,11 +374,8 @@ def test_training_on_indexed_data_resumes_bitwise_and_logs_gpt_oss_20b(data_dir,
 
 
 def test_gcs_prefixes_read_the_same_samples(data_dir, gcs_server):  # noqa: F811
-    from google.cloud import storage as gcs
-
-    bucket = gcs.Client().bucket(gcs_server[len("gs://"):])
     for name in ("train.bin", "train.idx", "valid.bin", "valid.idx"):
-        bucket.blob(f"indexed/{name}").upload_from_filename(str(data_dir / name))
+        upload(f"{gcs_server}/indexed/{name}", (data_dir / name).read_bytes())
     remote = config(data_dir, **{"dataset.train_dataset_path": f"{gcs_server}/indexed/train",
                                  "dataset.eval_dataset_path": f"{gcs_server}/indexed/valid", "dataset.num_proc": 4})
     validate_dataset(remote)

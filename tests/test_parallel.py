@@ -81,7 +81,8 @@ def test_activation_checkpointing_keeps_every_gradient_including_the_routers():
         cfg = load_config([f"model.fsdp_config.xla_fsdp_grad_ckpt={checkpointed}", "max_length=32"], num_devices=8)
         model = build_sharded_model(cfg, parallel.mesh_shape(8, 1, 1, 1))
         input_ids = torch.arange(8 * 32).reshape(8, 32).remainder(1000).to(torch_xla.device())
-        terms = model.loss_terms(input_ids, input_ids, cfg.pad_token_id)
+        labels = input_ids.roll(-1, dims=1)  # already shifted, as clm's data gives them
+        terms = model.loss_terms(input_ids, labels, cfg.pad_token_id)
         assert terms.aux_loss_coef > 0
         terms.loss.backward()
         torch_xla.sync()

@@ -22,13 +22,14 @@ from hub_layout import hub_tensors, write_hub_checkpoint  # noqa: E402
 TINY = json.loads((REPO / "clm/model/configs/mixtral_tiny.json").read_text())
 # Dropless experts and fp32 matmuls: the harness's forward equals transformers' stock one.
 EXACT = ["model.capacity_factor=0", "full_precision=true", "model.dtype=float32", "max_length=32"]
-INPUT_IDS = (torch.arange(2 * 24).reshape(2, 24) * 37) % 32000
+# Eight rows: the batch splits over the data axes of every mesh tested.
+INPUT_IDS = (torch.arange(8 * 24).reshape(8, 24) * 37) % 32000
 MESHES = {"1 device": (1, []), "fsdp8": (8, []), "fsdp2_tp2_ep2": (8, ["tensor_parallelism=2", "expert_parallelism=2"])}
 
 
-def worker(*args: str, devices: int = 8, timeout: int = 300) -> subprocess.CompletedProcess:
+def worker(*args: str, devices: int = 8, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
     """This file run as a script in a fresh process with its own device count."""
-    env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": str(devices), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": str(devices), "PYTHONPATH": str(REPO), **env}
     result = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -96,20 +97,47 @@ def test_checkpoint_to_hf_after_training_steps_round_trips(tmp_path, hub_dir):
     assert not torch.equal(model.lm_head.weight, original.lm_head.weight), "training changed nothing"
 
 
-def test_load_host_memory_is_bounded_by_the_largest_tensor(tmp_path):
-    # 8 layers: the model (about 0.75 GB) is several times its largest tensor (embeddings, 66 MB).
-    fields = TINY | {"hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 8,
-                     "num_attention_heads": 8, "num_key_value_heads": 4}
-    hub = write_hub_checkpoint(tmp_path / "hub", fields, num_files=4, tokenizer=False)
-    result = worker("load_memory", f"model.name_or_path={hub}", "model.dtype=float32")
-    stats = json.loads(result.stdout.strip().splitlines()[-1])
-    largest = max(t.numel() * 4 for _, t in hub_tensors(fields))
-    # Host memory beyond what the devices hold (host-resident on XLA's CPU backend); measured about 3x
-    # with 4 reader threads, where a whole-model host copy would be over 8x.
+# 8 layers: the model (about 0.56 GB) is 8.5 times its largest tensor (embeddings, 66 MB).
+WIDE = TINY | {"hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 8,
+               "num_key_value_heads": 4}
+
+
+@pytest.fixture(scope="module")
+def wide_hub(tmp_path_factory) -> Path:
+    return write_hub_checkpoint(tmp_path_factory.mktemp("wide") / "hub", WIDE, num_files=4, tokenizer=False)
+
+
+def memory_of(mode: str, *args: str, **env: str) -> tuple[dict, int, int]:
+    """A worker's peak host memory (its JSON line), with the model's and its largest tensor's bytes."""
+    stats = json.loads(worker(mode, *args, **env).stdout.strip().splitlines()[-1])
+    model_bytes = sum(t.numel() * 4 for _, t in hub_tensors(WIDE))
+    largest = max(t.numel() * 4 for _, t in hub_tensors(WIDE))
+    assert model_bytes > 8 * largest
+    return stats, model_bytes, largest
+
+
+def test_load_host_memory_is_bounded_by_the_largest_tensor(wide_hub):
+    stats, model_bytes, largest = memory_of("load_memory", f"model.name_or_path={wide_hub}", "model.dtype=float32")
+    # Measured about 3x with 4 reader threads, where a whole-model host copy would be over 8x.
     transient = stats["peak_bytes"] - stats["device_bytes"]
-    assert stats["device_bytes"] == pytest.approx(sum(t.numel() * 4 for _, t in hub_tensors(fields)), rel=0.01)
-    assert stats["device_bytes"] > 8 * largest
+    assert stats["device_bytes"] == pytest.approx(model_bytes, rel=0.01)
     assert transient < 5 * largest, f"{transient / 1e6:.0f} MB beyond the model, largest tensor {largest / 1e6:.0f} MB"
+
+
+def test_convert_on_8_devices_holds_about_one_tensor_beyond_the_model(wide_hub, tmp_path):
+    """hf-to-checkpoint on 8 devices (load, then the sharded save): at no point does the host hold
+    more beyond the model's own (device) bytes than a few copies of its largest tensor (a tensor's
+    shards, their unpadded copies, the bytes being written), where a host copy of the model (as the
+    asynchronous save makes) would be over 8x, and the model whole on every device 64x (as the
+    first transfer after a build did while placement left to_empty's placeholders alive).
+    glibc keeps freed heap blocks and would count memory the process no longer holds, so blocks
+    over 1 MiB come from mmap here (returned when freed). Measured: about 4x."""
+    stats, model_bytes, largest = memory_of("convert_memory", str(wide_hub), str(tmp_path / "ckpt"),
+                                            MALLOC_MMAP_THRESHOLD_="1048576")
+    transient = stats["peak_bytes"] - model_bytes
+    assert transient < 6 * largest, f"{transient / largest:.1f}x the largest tensor beyond the model"
+    assert stats["compiles"] == 0
+    assert (tmp_path / "ckpt/0/.metadata").is_file()
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -172,10 +200,11 @@ def test_missing_and_extra_keys(tmp_path, hub_dir):
         [f"model.name_or_path={hub}"])
 
 
-def test_non_mixtral_config_and_missing_directory_and_hub_names(tmp_path, hub_dir):
+def test_weights_of_another_family_and_missing_directory_and_hub_names(tmp_path, hub_dir):
     hub = _copy(hub_dir, tmp_path)
-    (hub / "config.json").write_text(json.dumps(TINY | {"model_type": "llama"}))
-    assert "model_type 'llama'" in _config_error([f"model.name_or_path={hub}"])
+    (hub / "config.json").write_text(json.dumps(TINY | {"model_type": "llama"}))  # a Llama has a dense MLP
+    message = _config_error([f"model.name_or_path={hub}"])
+    assert "missing tensors model.layers.0.mlp.down_proj.weight" in message and "of 21 this config needs" in message
     assert "no such directory" in _config_error([f"model.name_or_path={tmp_path / 'nope'}"])
     message = _config_error(["model.name_or_path=mistralai/Mixtral-8x22B-v0.1"])
     assert "no network" in message and "hf download mistralai/Mixtral-8x22B-v0.1 --local-dir DIR" in message
@@ -208,7 +237,7 @@ def test_bad_weights_exit_2_with_one_line_before_anything_is_written(tmp_path, h
 def test_tokenizer_comes_from_the_pretrained_directory(hub_dir, tmp_path):
     from omegaconf import OmegaConf
 
-    from clm.model.weights import tokenizer_source
+    from clm.data.tokenizer import tokenizer_source
 
     assert tokenizer_source(OmegaConf.create({"tokenizer_name_or_path": None, "name_or_path": str(hub_dir)})) == str(hub_dir)
     assert tokenizer_source(OmegaConf.create({"tokenizer_name_or_path": None, "name_or_path": str(tmp_path)})) is None
@@ -229,9 +258,9 @@ def _build(overrides: list[str]):
     cfg = load_config(overrides, num_devices=runtime.device_count)
     runtime.setup(None, cfg.full_precision)
     shape = parallel.mesh_shape(runtime.device_count(), cfg.tensor_parallelism, cfg.expert_parallelism, 1)
-    model = build_sharded_model(cfg, shape).module
+    model = build_sharded_model(cfg, shape)
     if cfg.checkpoint_manager_path:
-        checkpoint.restore_model_weights(model, cfg.checkpoint_manager_path)
+        checkpoint.restore_model_weights(model.module, cfg.checkpoint_manager_path)
     return cfg, model, {"init_parameters": init.initialized["parameters"]}
 
 
@@ -240,7 +269,7 @@ def _logits(model) -> torch.Tensor:
 
     model.eval()
     with torch.no_grad():
-        return model(input_ids=INPUT_IDS.to(torch_xla.device())).logits.cpu()
+        return model(INPUT_IDS.to(torch_xla.device())).cpu()
 
 
 def _peak_rss() -> int:
@@ -275,7 +304,7 @@ if __name__ == "__main__":
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         model.train()
         for _ in range(3):
-            logits = model(input_ids=INPUT_IDS.to(torch_xla.device())).logits
+            logits = model(INPUT_IDS.to(torch_xla.device()))
             loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                      INPUT_IDS[:, 1:].reshape(-1).to(logits.device))
             loss.backward()
@@ -287,23 +316,37 @@ if __name__ == "__main__":
         manager.save(3, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "trainer": {"step": torch.tensor(3)}}, force=True)
         torch.save(_logits(model), out)
+    elif mode == "convert_memory":
+        import torch_xla.debug.metrics as met
+
+        from clm import runtime
+        from clm.convert import hf_to_checkpoint
+
+        hub, out = rest
+        runtime.device_count()
+        # Measured around the conversion only: imports and the runtime start are the baseline.
+        import clm.checkpoint  # noqa: F401
+        import clm.model.build  # noqa: F401
+        from transformers import AutoModelForCausalLM  # noqa: F401
+
+        before = _rss()
+        _reset_peak()
+        hf_to_checkpoint(hub, out, "float32")
+        compiles = met.metric_data("CompileTime")
+        print(json.dumps({"peak_bytes": _peak_rss() - before, "compiles": compiles[0] if compiles else 0}))
     elif mode == "load_memory":
         import torch_xla
 
         from clm import parallel, runtime
         from clm.config import load_config
         from clm.model import weights
-        from clm.model.config import load_model_config
+        from clm.model.config import load_model_config, meta_model
 
         cfg = load_config(rest, num_devices=runtime.device_count)
         runtime.setup(None, False)
-        hf_config = load_model_config(cfg)
-        from transformers import MixtralForCausalLM
-
         shape = parallel.mesh_shape(runtime.device_count(), 1, 1, 1)
         mesh = parallel.build_mesh(shape)
-        with torch.device("meta"):
-            model = MixtralForCausalLM(hf_config)
+        model = meta_model(load_model_config(cfg))
         model.to_empty(device=torch_xla.device())
         placements = parallel.shard_parameters(model, mesh, cfg.sharding, shape)
         before = _rss()

@@ -12,7 +12,7 @@ position.
 
 from clm.data import eval_set, megatron, sources, train_stream
 from clm.data.eval_set import EvalSet
-from clm.data.tokenizer import load_tokenizer
+from clm.data.tokenizer import load_model_tokenizer, load_tokenizer
 from clm.data.train_stream import TrainStream
 
 MEGATRON = "megatron"
@@ -23,13 +23,12 @@ def is_pretokenized(dataset_cfg) -> bool:
     return dataset_cfg.dataset_name == MEGATRON
 
 
-def tokenizer_for(cfg):
-    """The tokenizer a config's data needs: None for pre-tokenized data."""
+def tokenizer_for(cfg, vocab_size: int | None = None):
+    """The tokenizer a config's data needs (clm.data.tokenizer's choice, checked against the
+    model's vocab_size when given): None for pre-tokenized data."""
     if is_pretokenized(cfg.dataset):
         return None
-    from clm.model.weights import tokenizer_source
-
-    return load_tokenizer(tokenizer_source(cfg.model), cfg.cache_local_dir)
+    return load_model_tokenizer(cfg.model, vocab_size, cfg.cache_local_dir)
 
 
 def validate_dataset(cfg) -> None:

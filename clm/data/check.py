@@ -16,6 +16,7 @@ from clm.config import load_config
 from clm.data import build_eval_set, build_train_stream, hf_datasets, is_pretokenized, megatron, tokenizer_for
 from clm.data.sources import FileListing, is_file_source, list_split, validate_dataset
 from clm.cli import run_command
+from clm.model.config import load_model_config
 
 SHOWN_PATHS = 5
 SHOWN_CHARS = 300
@@ -60,8 +61,11 @@ def check(cfg, num_blocks_shown: int) -> None:
         for which in ("train", "eval"):
             print(f"{which} split: {hf_datasets.describe(hf_datasets.split_of(cfg, which))}")
 
-    tokenizer = tokenizer_for(cfg)
-    print(f"tokenizer: {tokenizer.name} (vocab {tokenizer.vocab_size}, bos {tokenizer.bos_id}, eos {tokenizer.eos_id})")
+    # The run's tokenizer: the pretrained directory's own, if it has one (clm.data.tokenizer).
+    vocab_size = load_model_config(cfg).vocab_size
+    tokenizer = tokenizer_for(cfg, vocab_size)
+    print(f"tokenizer: {tokenizer.name} (vocab {tokenizer.vocab_size}, bos {tokenizer.bos_id}, eos {tokenizer.eos_id}, "
+          f"pad {tokenizer.pad_id}; the model's vocab_size is {vocab_size})")
 
     with build_train_stream(cfg, tokenizer) as stream:
         batch = next(stream)

@@ -77,13 +77,13 @@ def build_eval_set(cfg, tokenizer, process_index: int = 0, process_count: int = 
 
     L = cfg.max_length
     num_blocks = -(-len(tokens) // L)
-    input_ids = np.full(num_blocks * L, tokenizer.eos_id, dtype=np.int32)
+    input_ids = np.full(num_blocks * L, tokenizer.pad_id, dtype=np.int32)
     blocks = np.full(num_blocks * L, cfg.pad_token_id, dtype=np.int32)
     input_ids[: len(tokens)] = tokens
     blocks[: len(tokens)] = tokens
     # Blocks are whole rows, so only a block's first token goes unpredicted.
     labels = shifted_labels(blocks.reshape(num_blocks, L), cfg.pad_token_id)
-    return padded_eval_set(cfg, input_ids.reshape(num_blocks, L), labels, tokenizer.eos_id, len(tokens), stats,
+    return padded_eval_set(cfg, input_ids.reshape(num_blocks, L), labels, tokenizer.pad_id, len(tokens), stats,
                            process_index, process_count)
 
 

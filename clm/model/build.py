@@ -118,9 +118,10 @@ class ShardedModel:
 
     def loss_terms(self, input_ids: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> LossTerms:
         """Next-token loss terms of one batch. The labels are already shifted (labels[:, t] is
-        position t's target; clm.data). Sums rather than a mean, so that eval weights every
-        token of the validation set equally. In training, MoE models add the family's
-        load-balancing loss and the router metrics, and accumulate the step's expert load."""
+        position t's target; clm.data), `ignore_index` marks the positions not scored. Sums
+        rather than a mean, so that eval weights every token of the validation set equally. In
+        training, MoE models add the family's load-balancing loss and the router metrics, and
+        accumulate the step's expert load."""
         logits = self(input_ids)
         labels = labels.reshape(-1)
         loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels, ignore_index=ignore_index,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 from transformers import PretrainedConfig
 
@@ -57,9 +58,17 @@ def load_model_config(cfg: DictConfig) -> PretrainedConfig:
             raise UserError(f"{key}={value} exceeds max_position_embeddings={limit} of {knob}; use at most {limit}")
 
     if cfg.model.name_or_path:
-        weights.HubCheckpoint(cfg.model.name_or_path).check(hf_config)
+        weights.HubCheckpoint(cfg.model.name_or_path).check(meta_model(hf_config))
     hf_config.use_cache = False
     return hf_config
+
+
+def meta_model(hf_config) -> torch.nn.Module:
+    """transformers' model of the config on the meta device: names and shapes, nothing allocated."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(hf_config)
 
 
 def config_from_fields(fields: dict, knob: str) -> PretrainedConfig:

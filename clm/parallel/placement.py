@@ -103,7 +103,10 @@ def place_shards(param: torch.Tensor, placement: Placement, shards: list[torch.T
     for (_, index, _), (_, xla_index) in zip(placement.local_indices(shape), actual):
         if xla_index is not Ellipsis and [(s.start, s.stop) for s in xla_index] != [(s.start, s.stop) for s in index]:
             raise AssertionError(f"shard index {index} disagrees with XLA's {xla_index}")
-    torch_xla._XLAC._replace_xla_tensor(param, sharded)
+    # Swapped in as the tensor's data: replacing the XLA tensor under it instead
+    # (_replace_xla_tensor) leaves the to_empty() placeholder alive in the pending graph,
+    # and the next sync then materialises it, whole and unsharded, on every device.
+    param.data = sharded
 
 
 def place(param: torch.Tensor, placement: Placement, read: Callable[[Index], torch.Tensor]) -> None:
@@ -113,6 +116,4 @@ def place(param: torch.Tensor, placement: Placement, read: Callable[[Index], tor
 
 def place_replicated(tensor: torch.Tensor, host_values: torch.Tensor) -> None:
     """A small tensor (a buffer) copied whole to every device."""
-    import torch_xla
-
-    torch_xla._XLAC._replace_xla_tensor(tensor, host_values.to(tensor.dtype).to(tensor.device))
+    tensor.data = host_values.to(tensor.dtype).to(tensor.device)
