@@ -80,7 +80,7 @@ def mixtral_8x22b():
     """Mixtral-8x22B with its real parameter names, on the meta device (no memory)."""
     from transformers import AutoConfig, MixtralForCausalLM
 
-    from clm.model.build import CONFIGS_DIR
+    from clm.model.config import CONFIGS_DIR
 
     with torch.device("meta"):
         return MixtralForCausalLM(AutoConfig.from_pretrained(CONFIGS_DIR / "mixtral822.json"))
