@@ -210,15 +210,91 @@ def check_model_matches(model: torch.nn.Module, step_directory: str) -> None:
 # ------------------------------------------------------------------------ saving
 
 
-def checkpoint_manager(path: str, keep: int = 0):
-    """torch_xla's CheckpointManager for `path`; saves happen only when asked (force=True)."""
-    from torch_xla.experimental.distributed_checkpoint import CheckpointManager
+def one_writer_per_shard(all_plans: list) -> list:
+    """Keep exactly one write of each distinct shard (tensor and offsets) across every
+    process's save plan: in the plan with the fewest bytes planned so far (lowest rank on a
+    tie), its first replica there. Everything else passes through unchanged.
 
+    torch_xla 2.9's `dedup_tensors` keeps a shard's first occurrence only across plans: a
+    shard that one process holds several replicas of (a tensor sharded over some mesh axes
+    and replicated over others, such as the router on a tensor x fsdp mesh, when this host
+    has devices that differ only in the replicated axes) it removes from "every plan but the
+    first", which includes that same plan: every copy is dropped. The save succeeds without
+    the tensor (one host) or without some of its shards (several hosts); a restore of a
+    tensor with a shard missing raises nothing and leaves the whole tensor as it was.
+    """
+    import dataclasses
+
+    occurrences: dict = {}  # MetadataIndex (fqn, offsets; its index hint is not compared) -> [(plan, position)]
+    for plan_index, plan in enumerate(all_plans):
+        for position, item in enumerate(plan.items):
+            occurrences.setdefault(item.index, []).append((plan_index, position))
+    planned = [0] * len(all_plans)
+    kept = [set() for _ in all_plans]
+    for places in occurrences.values():
+        plan_index = min({p for p, _ in places}, key=lambda p: (planned[p], p))
+        position = next(pos for p, pos in places if p == plan_index)
+        kept[plan_index].add(position)
+        planned[plan_index] += all_plans[plan_index].items[position].tensor_storage_size() or 1
+    return [dataclasses.replace(plan, items=[item for position, item in enumerate(plan.items) if position in keep])
+            for plan, keep in zip(all_plans, kept)]
+
+
+def _save_planner_class():
+    from torch_xla.experimental.distributed_checkpoint import SPMDSavePlanner
+
+    class SavePlanner(SPMDSavePlanner):
+        """torch_xla's SPMD save planner whose global plan writes each distinct shard exactly
+        once (one_writer_per_shard); the format and the restore are torch_xla's, unchanged."""
+
+        def create_global_plan(self, all_plans):
+            # torch_xla's own dedup then finds nothing left to remove.
+            return super().create_global_plan(one_writer_per_shard(all_plans))
+
+    return SavePlanner
+
+
+def _manager_class():
+    import fsspec
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dist_cp
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+    from torch_xla.experimental.distributed_checkpoint import CheckpointManager
+    from torch_xla.experimental.distributed_checkpoint.manager import _CheckpointMetadata
+
+    planner_class = _save_planner_class()
+
+    class Manager(CheckpointManager):
+        """torch_xla's CheckpointManager saving through clm's SavePlanner, for save and
+        save_async alike (both end in `_save`, which hard-codes torch_xla's planner)."""
+
+        def _save(self, step, state_dict):
+            # torch_xla 2.9's CheckpointManager._save, line for line but for the planner.
+            with self._save_mutex:
+                path = self._get_path(step)
+                self._delete_chkpt_at_step(step)
+                dist_cp.save(state_dict=state_dict,
+                             storage_writer=FsspecWriter(path, thread_count=self.num_of_threads, per_thread_copy_ahead=0),
+                             planner=planner_class(), process_group=self.pg)
+                metadata = _CheckpointMetadata(step=step, ts=datetime.now())
+                self._tracked_chkpts.append(metadata)
+                if dist.get_rank(self.pg) == 0:
+                    with fsspec.open(os.path.join(path, COMMIT_MARKER), "wb") as f:
+                        pickle.dump(metadata, f)
+                    self._release_oldest_checkpoints()
+
+    return Manager
+
+
+def checkpoint_manager(path: str, keep: int = 0):
+    """torch_xla's CheckpointManager for `path`, saving through clm's SavePlanner (each shard of
+    a partially replicated tensor written once, not dropped); saves happen only when asked
+    (force=True)."""
     runtime.init_process_group()
     filesystem(path)  # gcsfs set up by clm.storage before the manager reaches gs:// through fsspec
     # Preemption detection is the trainer's (clm.preemption), on every device type.
     with runtime.quiet_native_stdout():  # the manager makes a gloo subgroup, which prints
-        return CheckpointManager(path, save_interval=sys.maxsize, max_to_keep=keep, chkpt_on_preemption=False)
+        return _manager_class()(path, save_interval=sys.maxsize, max_to_keep=keep, chkpt_on_preemption=False)
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
