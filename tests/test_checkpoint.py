@@ -145,6 +145,115 @@ def test_save_and_resume_through_gcs(tmp_path, gcs_server, uninterrupted):  # no
     assert all("complete" in line and "max_length=64" in line and "size_mb=" in line for line in lines)
 
 
+# ------------------------------------------------------ partially replicated tensors
+
+
+def built(cfg):
+    """The model of cfg on its mesh with AdamW's state primed, as a run's start has them."""
+    from clm import parallel
+    from clm.model.build import build_sharded_model
+    from clm.optim import build_optimizer, prime_optimizer
+
+    shape = parallel.mesh_shape(runtime.device_count(), cfg.tensor_parallelism, cfg.expert_parallelism, 1)
+    model = build_sharded_model(cfg, shape).module
+    optimizer = build_optimizer(cfg, model)
+    prime_optimizer(optimizer)
+    return model, optimizer
+
+
+def host_values(model, optimizer) -> dict[str, torch.Tensor]:
+    """Every tensor a checkpoint holds, keyed as in it, on the CPU: a sharded tensor assembled
+    from its devices' shards (no XLA program), and each of its replicas checked to agree."""
+    import torch_xla.distributed.spmd as xs
+
+    tensors = {f"model.{name}": t for name, t in checkpoint.model_state(model).items()}
+    tensors.update((f"optimizer.state.{index}.{key}", value)
+                   for index, state in optimizer.state_dict()["state"].items()
+                   for key, value in state.items() if isinstance(value, torch.Tensor))
+    values = {}
+    for key, tensor in tensors.items():
+        sharded = xs.wrap_if_sharded(tensor) if tensor.device.type == "xla" else tensor
+        if not isinstance(sharded, xs.XLAShardedTensor):
+            values[key] = tensor.detach().cpu().clone()
+            continue
+        value, seen = torch.empty(tensor.shape, dtype=tensor.dtype), {}
+        for shard in sharded.local_shards:
+            where = (...,) if shard.indices is Ellipsis else tuple(shard.indices)  # Ellipsis: replicated
+            data = shard.unpadded_data
+            offsets = tuple(getattr(s, "start", 0) for s in where)
+            assert offsets not in seen or torch.equal(seen[offsets], data), f"{key}: replicas differ"
+            seen[offsets] = value[where] = data
+        values[key] = value
+    return values
+
+
+@pytest.mark.parametrize("mesh", [("tensor_parallelism=2", "expert_parallelism=2", "async_checkpoint=false"),
+                                  ("tensor_parallelism=2", "async_checkpoint=true")],
+                         ids=["tensor2-expert2-fsdp2-sync", "tensor2-fsdp4-async"])
+def test_partially_replicated_tensors_are_saved_once_and_restore_bitwise(tmp_path, mesh):
+    """The routers ([E, H], split over fsdp x expert, replicated over tensor) and their AdamW
+    moments are partially replicated here, each shard held by two devices of this host:
+    torch_xla 2.9's planner dropped both copies (the checkpoint lacked them). Every shard is
+    written exactly once, and a model built with another seed gets back every parameter and
+    optimizer tensor bitwise."""
+    import torch_xla
+
+    cfg = config(tmp_path, *mesh)
+    model, optimizer = built(cfg)
+    router = model.get_submodule("model.layers.0.mlp.gate").weight
+    assert "last_tile_dim_replicate" in torch_xla._XLAC._get_xla_sharding_spec(router)
+    with torch.no_grad():  # optimizer state other than priming's zeros, sharded as the parameters
+        for parameter, state in optimizer.state.items():
+            state["exp_avg"].copy_(parameter * 0.5 + 1)
+            state["exp_avg_sq"].copy_(parameter * parameter + 2)
+    torch_xla.sync()
+    saved = host_values(model, optimizer)
+    saver = checkpoint.Checkpointer(cfg, model, optimizer, host_state={})
+    saver.save(1)
+    saver.close()
+
+    step_dir = Path(cfg.checkpoint_dir) / "1"
+    metadata = checkpoint.storage_reader(str(step_dir)).read_metadata().state_dict_metadata
+    written = checkpoint.tensor_shapes(str(step_dir)).keys()
+    assert sorted(saved.keys() - written) == []  # missing from the checkpoint
+    assert written == saved.keys()
+    for key in saved:  # each element in exactly one written chunk
+        chunks = metadata[key].chunks
+        assert len({tuple(c.offsets) for c in chunks}) == len(chunks), key
+        assert sum(torch.Size(c.sizes).numel() for c in chunks) == saved[key].numel(), key
+
+    fresh_model, fresh_optimizer = built(config(tmp_path, *mesh, "seed=1"))
+    before = host_values(fresh_model, fresh_optimizer)
+    assert not torch.equal(before["model.model.layers.0.mlp.gate.weight"], saved["model.model.layers.0.mlp.gate.weight"])
+    checkpoint.Checkpointer(cfg, fresh_model, fresh_optimizer, host_state={}).restore(str(step_dir))
+    restored = host_values(fresh_model, fresh_optimizer)
+    assert restored.keys() == saved.keys()
+    assert [key for key in saved if not torch.equal(restored[key], saved[key])] == []
+
+
+def test_one_writer_per_shard_across_processes():
+    """Two hosts each holding two replicas of both shards of a [8, 16] tensor (columns split in
+    two): each shard is written once, by the host with less to write; the rest passes through."""
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+    from torch.distributed.checkpoint.planner import (SavePlan, TensorProperties, TensorWriteData, WriteItem,
+                                                      WriteItemType)
+
+    def shard(column, hint, fqn="w"):
+        offsets = torch.Size([0, column])
+        return WriteItem(index=MetadataIndex(fqn, offsets, hint), type=WriteItemType.SHARD,
+                         tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(offsets, torch.Size([8, 8])),
+                                                     properties=TensorProperties(dtype=torch.float32),
+                                                     size=torch.Size([8, 16])))
+
+    config_item = WriteItem(index=MetadataIndex("config"), type=WriteItemType.BYTE_IO)
+    host = [shard(0, 0), shard(0, 1), shard(8, 2), shard(8, 3)]
+    plans = checkpoint.one_writer_per_shard([SavePlan([config_item, *host]), SavePlan(list(host))])
+    written = [(i, item.index.fqn, item.index.offset and tuple(item.index.offset), item.index.index)
+               for i, plan in enumerate(plans) for item in plan.items]
+    # Host 0 already writes the config, so the first shard goes to host 1 and the second to host 0.
+    assert written == [(0, "config", None, None), (0, "w", (0, 8), 2), (1, "w", (0, 0), 0)]
+
+
 # ---------------------------------------------------------------------- bad input
 
 
