@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import pickle
 import random
@@ -143,11 +144,22 @@ def saved_config(step_directory: str) -> DictConfig:
 
 def tensor_shapes(step_directory: str) -> dict[str, tuple[int, ...]]:
     """{flattened key: shape} of every tensor in a checkpoint, from its metadata alone."""
+    return {key: tuple(item.size) for key, item in _tensor_metadata(step_directory).items()}
+
+
+def incomplete_tensors(step_directory: str) -> list[str]:
+    """Keys of the tensors whose saved shards do not add up to the whole tensor, from the
+    metadata alone. torch.distributed.checkpoint restores such a tensor without a word and
+    leaves it as it was; clm before its own save planner wrote them on several hosts."""
+    return sorted(key for key, item in _tensor_metadata(step_directory).items()
+                  if sum(math.prod(chunk.sizes) for chunk in item.chunks) != math.prod(item.size))
+
+
+def _tensor_metadata(step_directory: str) -> dict:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     metadata = storage_reader(step_directory).read_metadata()
-    return {key: tuple(item.size) for key, item in metadata.state_dict_metadata.items()
-            if isinstance(item, TensorStorageMetadata)}
+    return {key: item for key, item in metadata.state_dict_metadata.items() if isinstance(item, TensorStorageMetadata)}
 
 
 def check_config_matches(cfg: DictConfig, step_directory: str) -> None:
@@ -203,7 +215,15 @@ def check_model_matches(model: torch.nn.Module, step_directory: str) -> None:
     if problems:
         raise UserError(
             f"{step_directory}: a checkpoint of a different model architecture ({'; '.join(problems)}); "
-            "use the model.config_path it was trained with"
+            "use the model.config_path it was trained with (a checkpoint that lacks only routers or norms on a "
+            "tensor/expert mesh was written by a clm before its own save planner: resume from another one)"
+        )
+    incomplete = incomplete_tensors(step_directory)
+    if incomplete:
+        raise UserError(
+            f"{step_directory}: shards of {len(incomplete)} tensors are missing ({', '.join(incomplete[:3])}), as a "
+            "clm before its own save planner wrote partially replicated tensors on several hosts; resume from a "
+            "checkpoint written by this clm"
         )
 
 

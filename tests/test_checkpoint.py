@@ -299,6 +299,26 @@ def test_checkpoint_of_another_architecture_names_the_tensors(tmp_path, uninterr
                      f"model.config_path={tmp_path / 'narrow.json'}"))
 
 
+def test_a_checkpoint_with_missing_shards_is_one_line(tmp_path):
+    """A tensor some of whose shards were never written (clm before its own save planner, on
+    several hosts) would restore without a word and keep its old values: refused instead."""
+    import pickle
+
+    import torch.distributed.checkpoint as dist_cp
+
+    model = torch.nn.Linear(4, 2)
+    dist_cp.save({f"model.{name}": tensor for name, tensor in model.state_dict().items()},
+                 storage_writer=dist_cp.FileSystemWriter(tmp_path), no_dist=True)
+    checkpoint.check_model_matches(model, str(tmp_path))  # complete: passes
+    metadata_file = tmp_path / ".metadata"
+    metadata = pickle.loads(metadata_file.read_bytes())
+    metadata.state_dict_metadata["model.weight"].chunks.pop()
+    metadata_file.write_bytes(pickle.dumps(metadata))
+    assert checkpoint.incomplete_tensors(str(tmp_path)) == ["model.weight"]
+    with pytest.raises(UserError, match=r"shards of 1 tensors are missing \(model.weight\)"):
+        checkpoint.check_model_matches(model, str(tmp_path))
+
+
 # -------------------------------------------------------------- real processes
 
 
