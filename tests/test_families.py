@@ -285,7 +285,7 @@ def test_attention_is_flash_where_the_kernel_computes_the_family(model_type):
     """Plain causal attention with one head dim runs the flash path; DeepSeek's latent attention
     (q/k wider than v), gpt-oss's sinks and sliding window, GPT-2's attention dropout do not."""
     from clm.model import attention
-    from clm.model.build import meta_model
+    from clm.model.config import meta_model
 
     choice = attention.select(meta_model(family_config(model_type)), flash_attention=True, max_length=LENGTH)
     assert choice.implementation == EXPECTED_ATTENTION[model_type], choice.reason

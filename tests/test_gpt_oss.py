@@ -34,7 +34,7 @@ def reference_parameter_count() -> int:
 
 
 def test_plan_prints_the_reference_parameter_count(capsys):
-    from clm.model.build import meta_model
+    from clm.model.config import meta_model
     from clm.plan import main
 
     expected = reference_parameter_count()
@@ -49,7 +49,7 @@ def test_plan_prints_the_reference_parameter_count(capsys):
 
 def test_model_is_the_reference_architecture():
     """The fields the reference names, read back from the transformers model clm builds."""
-    from clm.model.build import meta_model
+    from clm.model.config import meta_model
 
     config = load_model_config(load_config(["+experiment=gpt_oss_20b"], num_devices=4))
     model = meta_model(config)

@@ -201,7 +201,7 @@ def test_every_family_has_a_rule_table_that_fits_it_both_ways():
     uses every rule (dense layers and shared experts included), on an fsdp x expert x tensor mesh."""
     from families import FAMILIES, MOE_FAMILIES, family_config
 
-    from clm.model.build import meta_model
+    from clm.model.config import meta_model
 
     for model_type in FAMILIES:
         model = meta_model(family_config(model_type))

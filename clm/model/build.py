@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from clm import parallel
 from clm.errors import UserError
 from clm.model import attention, family, grouped_matmul, init, moe
+from clm.model.config import meta_model
 
 logger = logging.getLogger(__name__)
 
@@ -146,15 +147,6 @@ class ShardedModel:
 
 
 # ------------------------------------------------------------------------------ building
-
-
-def meta_model(hf_config):
-    """transformers' model class for the config, on the meta device (nothing allocated), in
-    fp32 whatever the config's dtype (the builder casts the parameters to model.dtype)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(copy.deepcopy(hf_config), dtype=torch.float32)  # it sets dtype
 
 
 def check_model(cfg: DictConfig, hf_config, mesh_shape: parallel.MeshShape):

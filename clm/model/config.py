@@ -8,6 +8,7 @@ layout: its config.json). The config carries the architecture only; what clm doe
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -64,11 +65,13 @@ def load_model_config(cfg: DictConfig) -> PretrainedConfig:
 
 
 def meta_model(hf_config) -> torch.nn.Module:
-    """transformers' model of the config on the meta device: names and shapes, nothing allocated."""
+    """transformers' model of the config on the meta device: names and shapes, nothing
+    allocated; in fp32 whatever the config's dtype (the builder casts the parameters to
+    model.dtype), and from a copy of the config, since from_config writes into it (dtype)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(hf_config)
+        return AutoModelForCausalLM.from_config(copy.deepcopy(hf_config), dtype=torch.float32)
 
 
 def config_from_fields(fields: dict, knob: str) -> PretrainedConfig:

@@ -116,13 +116,13 @@ class DroplessExperts:
         expert_of_slot = torch.full((data, shards, shards * rows), local_experts, dtype=torch.long,
                                     device=x.device).scatter(2, slot, expert - destination * local_experts)
 
-        send = self._constrain(_gather_rows(x, token_of_slot), source)
+        send = self._constrain(moe.gather_rows(x, token_of_slot), source)
         # [DF, P_src, P_dst * R, H] -> [DF, P_src, P_dst, R, H]; the region takes it split over P_dst.
         received = _ExpertRegion.apply(self, experts, send.view(data, shards, shards, rows, hidden),
                                        expert_of_slot.view(data, shards, shards, rows), *weights)
         back = self._constrain(received.view(data, shards, shards * rows, hidden), source)
 
-        gathered = _gather_rows(back, slot)  # [DF, P, A, H]: every assignment's expert output
+        gathered = moe.gather_rows(back, slot)  # [DF, P, A, H]: every assignment's expert output
         weighted = gathered * top_k_weights.view(data, shards, assignments, 1)  # router weights are fp32
         output = weighted.view(data, shards, tokens, top_k, hidden).sum(dim=3)
         return output.reshape(num_tokens, hidden).to(hidden_states.dtype)
@@ -226,9 +226,3 @@ def expert_weights(experts: torch.nn.Module) -> list[torch.Tensor]:
 
 def _weight_spec(weight: torch.Tensor) -> tuple:
     return ("expert", *([None] * (weight.dim() - 1)))
-
-
-def _gather_rows(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """source [DF, P, N, H], index [DF, P, M] -> [DF, P, M, H] (batched over the shards, so
-    XLA keeps the gather local to each shard)."""
-    return source.gather(2, index.unsqueeze(-1).expand(*index.shape, source.shape[-1]))

@@ -159,11 +159,11 @@ def capacity_experts_forward(
     slot_filled = torch.arange(capacity, device=hidden_states.device) < load.unsqueeze(-1)
 
     tokens = hidden_states.view(batch_size, sequence_length, hidden_dim)
-    dispatched = _gather_rows(tokens, token_of_slot).view(batch_size, num_experts, capacity, hidden_dim)
+    dispatched = gather_rows(tokens, token_of_slot).view(batch_size, num_experts, capacity, hidden_dim)
     expert_output = expert_mlp(self, dispatched * slot_filled.unsqueeze(-1).to(dispatched.dtype), moe_layer.constrain)
 
     # Combine: every assignment reads its slot back; dropped ones are weighted by zero.
-    gathered = _gather_rows(expert_output.reshape(batch_size, num_slots, hidden_dim), slot)
+    gathered = gather_rows(expert_output.reshape(batch_size, num_slots, hidden_dim), slot)
     weights = top_k_weights.view(batch_size, sequence_length * top_k) * kept
     weighted = gathered * weights.unsqueeze(-1)  # router weights are fp32: sum in fp32, as batched_mm
     output = weighted.view(batch_size, sequence_length, top_k, hidden_dim).sum(dim=2)
@@ -205,14 +205,15 @@ def expert_mlp(experts: torch.nn.Module, dispatched: torch.Tensor,
     return constrain(output)
 
 
-def _gather_rows(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """source [B, N, H], index [B, M] -> [B, M, H], row index[b, m] of sequence b.
+def gather_rows(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """source [*batch, N, H], index [*batch, M] -> [*batch, M, H]: row index[..., m] of each
+    batch entry (a sequence here, a shard's sequences in grouped_matmul).
 
     torch.gather rather than source[arange(B)[:, None], index]: XLA's SPMD partitioner sees
-    the batch dimension of torch_xla's gather as parallel and keeps it local to each shard,
+    the batch dimensions of torch_xla's gather as parallel and keeps them local to each shard,
     while advanced indexing makes it all-gather the source over the batch shards.
     """
-    return source.gather(1, index.unsqueeze(-1).expand(-1, -1, source.shape[-1]))
+    return source.gather(index.dim() - 1, index.unsqueeze(-1).expand(*index.shape, source.shape[-1]))
 
 
 # --------------------------------------------------------------- one model's routing
