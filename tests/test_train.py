@@ -112,8 +112,7 @@ def test_after_warmup_no_recompilation_and_no_host_transfer_outside_log_steps(tm
         assert count("CompileTime") == compiles, f"step {step} compiled a graph of its own"
         expected = 0 if step % cfg.log_frequency else 1
         assert count("TransferFromDeviceTime") - transfers == expected, f"step {step}: device-to-host transfers"
-    trainer.train_batches.close()
-    trainer.metrics.close()
+    trainer.close()
     assert [r["step"] for r in rows(cfg)] == [3, 6, 9, 12]
 
 
