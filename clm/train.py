@@ -2,10 +2,11 @@
 then train, evaluate, checkpoint and report.
 
 XLA discipline: every step is traced lazily and cut with torch_xla.sync(); a step's logged
-values are one stacked tensor in every step's graph, read on log steps by one asynchronous
-step closure (one device-to-host transfer, on torch_xla's closure thread), and the eval loss
-once per eval for the stop check, so a step never waits on the host and never recompiles
-after warm-up. Checkpoints and stop requests are handled between steps (`end_step`).
+values are one stacked tensor in every step's graph, read on log steps by the run log on
+torch_xla's closure thread (one device-to-host transfer), and the eval loss once per eval for
+the stop check, so a step never waits on the host and never recompiles after warm-up.
+Checkpoints and stop requests are handled between steps (`end_step`). Everything the run
+reports goes through `self.log` (clm.observe.run_log.RunLog).
 """
 
 from __future__ import annotations
