@@ -118,8 +118,11 @@ def test_host_state_keeps_the_names_and_format_that_earlier_checkpoints_have(tmp
     finally:
         trainer.close()
     assert trainer.loop.state_dict() == host["loop"] and trainer.loop.step == 8
-    assert {name: obj.state_dict() for name, obj in trainer.log.host_state().items()} == {
-        name: host[name] for name in ("metrics", "mlperf", "wandb", "recompiles")}
+    log = trainer.log.host_state()
+    for name in ("metrics", "wandb", "recompiles"):
+        assert log[name].state_dict() == host[name], name
+    # The MLPerf log counts its lines again once it reopens the file; what it restores is where the run stood.
+    assert (log["mlperf"].block_open, log["mlperf"].stopped) == (host["mlperf"]["block_open"], host["mlperf"]["stopped"])
 
 
 def test_checkpoint_saved_on_one_mesh_resumes_on_another(tmp_path, uninterrupted):
