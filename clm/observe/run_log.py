@@ -195,10 +195,12 @@ class RunLog:
             self.summary.mfu = values["perf/mfu"]
 
     def eval_start(self, samples: int) -> None:
-        # The queued train rows first. While an eval runs on the main thread the closure thread
-        # falls behind: in the default job the rows of steps 58-60 were stamped within 10 ms of
-        # each other as the final eval ended, though a step takes seconds. Waiting here (a sleep,
-        # off the GIL) costs the eval little: its first read waits for those steps anyway.
+        # The queued train rows first, so that every training window ends here, once the host
+        # has the values of every step before the eval (a device sync), and excludes eval time.
+        # A row is never stamped before its values arrived, but on a busy host the closure thread
+        # runs late: in the default job on 2 shared cores the last 3-4 rows before each eval were
+        # stamped within 10 ms of each other. Single rows can be bunched; windows between evals
+        # (the summary's step time) are honest.
         runtime.wait_for_async_closures()
         self.mlperf.eval_start(samples)
 
