@@ -18,8 +18,10 @@ The points, in the order a run reaches them:
 
 A step's row is written on torch_xla's closure thread: the step's values are one stacked
 tensor, read there in one device-to-host transfer that waits for the device, and the row is
-stamped after that read (`perf/elapsed_seconds`), so its step time is the time between the
-moments two steps' values reached the host, never the time the host took to enqueue them.
+stamped after that read (`perf/elapsed_seconds`): never before the step's values reached the
+host, so never the time the host took to enqueue steps (it runs ahead of the device). A busy
+host can run that thread late and bunch rows; each eval first waits for every queued row, so
+the windows between evals end at a device sync, and the Summary's step time covers them.
 To add a metric: compute it inside the step's graph, add it to the values the trainer passes
 to `after_train_step` (one transfer for all), name it `area/name`; rows go to metrics.jsonl,
 TensorBoard and W&B alike.
