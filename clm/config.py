@@ -155,6 +155,7 @@ class Config:
     num_slices: int = MISSING
     cache_local_dir: Optional[str] = MISSING
     xla_profile_step: int = MISSING
+    xla_compile_analysis: bool = MISSING
     log_frequency: int = MISSING
     model: ModelConfig = field(default_factory=ModelConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)

@@ -7,6 +7,7 @@ Split in two because the config needs the device count (the reference's
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import tempfile
@@ -25,7 +26,6 @@ def device_count() -> int:
     # Python scalars such as the learning rate would otherwise be baked into the graph as
     # constants when they happen to be 0 or 1, and a new value would then recompile.
     os.environ.setdefault("XLA_NO_SPECIAL_SCALARS", "1")
-    enable_compile_analysis()
     import torch_xla  # noqa: F401  (importing selects TPU if libtpu and a chip are present, else CPU)
     import torch_xla.runtime as xr
 
@@ -34,8 +34,10 @@ def device_count() -> int:
     return xr.global_runtime_device_count()
 
 
-def setup(compile_cache_dir: str | None, full_precision: bool) -> None:
+def setup(compile_cache_dir: str | None, full_precision: bool, compile_analysis: bool = True) -> None:
     """Everything that must happen before the first XLA computation."""
+    if compile_analysis:
+        enable_compile_analysis()
     import torch_xla
     import torch_xla.runtime as xr
 
@@ -141,13 +143,24 @@ def enable_compile_analysis() -> str | None:
     torch_xla (PT_XLA_DEBUG_LEVEL=1) appends one "Compilation Analysis" block per XLA
     compilation, with the cause and the Python frames that triggered it, to
     PT_XLA_DEBUG_FILE. It reads both variables once, at the process's first compilation, so
-    this must run before anything compiles; clm.observe.recompiles reads the blocks. A user's
-    own PT_XLA_DEBUG_LEVEL is left alone (without a file, torch_xla prints to the console).
+    this must run before anything compiles (setup(), when the knob xla_compile_analysis is
+    on); clm.observe.recompiles reads the blocks. A user's own PT_XLA_DEBUG_LEVEL is left
+    alone (without a file, torch_xla prints to the console).
     """
     if "PT_XLA_DEBUG_LEVEL" not in os.environ:
         os.environ["PT_XLA_DEBUG_LEVEL"] = "1"
         os.environ["PT_XLA_DEBUG_FILE"] = os.path.join(tempfile.gettempdir(), f"clm-xla-compiles-{os.getpid()}.log")
-    return os.environ.get("PT_XLA_DEBUG_FILE")
+    return compile_analysis_file()
+
+
+def compile_analysis_file() -> str | None:
+    """The file torch_xla writes its compilation analysis to; None when the analysis is off
+    (xla_compile_analysis=false and no PT_XLA_DEBUG_LEVEL of the user's) or goes to the console."""
+    try:
+        level = int(os.environ.get("PT_XLA_DEBUG_LEVEL", "0"))
+    except ValueError:
+        level = 0
+    return os.environ.get("PT_XLA_DEBUG_FILE") if level > 0 else None
 
 
 def compile_count() -> int:
@@ -156,6 +169,23 @@ def compile_count() -> int:
 
     data = met.metric_data("CompileTime")
     return data[0] if data else 0
+
+
+def run_async(fn, *args) -> None:
+    """Run fn(*args) on torch_xla's asynchronous closure thread, after every closure queued there before.
+
+    Call it after torch_xla.sync(): tensors in `args` are then the device data of the step just
+    cut, and reading them in `fn` waits for the device on that thread, never on the caller's.
+    (torch_xla's add_step_closure would hold `fn` until the next sync.)
+    """
+    import torch_xla.core.xla_model as xm
+    import torch_xla.utils.closures as xc
+
+    context = xm._get_device_context()
+    handler = getattr(context, "async_closure_handler", None)
+    if handler is None:  # as torch_xla creates it for its step closures, which then share the thread
+        handler = context.async_closure_handler = xc.AsyncClosureHandler()
+    handler.run_all([functools.partial(fn, *args)])
 
 
 def wait_for_async_closures() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import signal
 import subprocess
@@ -89,6 +90,39 @@ def test_a_finished_run_resumes_to_nothing_and_says_so(tmp_path, uninterrupted, 
     assert summary.steps == 8 and summary.eval_loss == before[-1][2]
     assert "that run is complete" in capsys.readouterr().out
     assert rows(cfg.run_dir) == before
+
+
+# The host-side state of a checkpoint, "host_<process>": a pickle of {name: state_dict()}. These
+# names and the reporting objects' keys are what checkpoints written before the run log gathered
+# those objects hold (the run log contributes them under the same names), so those still restore.
+HOST_STATE = {"loop", "scheduler", "data", "rng", "metrics", "mlperf", "wandb", "recompiles"}
+REPORTING_STATE = {"metrics": {"rows", "last_step"}, "mlperf": {"lines", "block_open", "stopped"},
+                   "wandb": {"run_id"}, "recompiles": {"after_warmup"},
+                   "loop": {"step", "target_reached", "eval_step", "eval_loss", "best_eval_loss"}}
+
+
+def test_host_state_keeps_the_names_and_format_that_earlier_checkpoints_have(tmp_path, uninterrupted):
+    from clm.model.config import load_model_config
+    from clm.parallel import mesh_shape
+    from clm.train import Trainer
+
+    step_dir = Path(uninterrupted.checkpoint_dir) / "8"
+    host = pickle.loads(checkpoint.read_items(str(step_dir), {"host_0": b""})["host_0"])
+    assert set(host) == HOST_STATE
+    for name, keys in REPORTING_STATE.items():
+        assert set(host[name]) == keys, name
+    cfg = config(tmp_path)
+    trainer = Trainer(cfg, load_model_config(cfg), mesh_shape(runtime.device_count(), 1, 1, 1), str(step_dir))
+    try:
+        trainer.restore()
+    finally:
+        trainer.close()
+    assert trainer.loop.state_dict() == host["loop"] and trainer.loop.step == 8
+    log = trainer.log.host_state()
+    for name in ("metrics", "wandb", "recompiles"):
+        assert log[name].state_dict() == host[name], name
+    # The MLPerf log counts its lines again once it reopens the file; what it restores is where the run stood.
+    assert (log["mlperf"].block_open, log["mlperf"].stopped) == (host["mlperf"]["block_open"], host["mlperf"]["stopped"])
 
 
 def test_checkpoint_saved_on_one_mesh_resumes_on_another(tmp_path, uninterrupted):

@@ -164,8 +164,11 @@ def test_a_recompilation_after_warmup_is_one_warning_with_step_and_cause_and_is_
     cfg = config(tmp_path, "max_steps=5", "eval_frequency=100", "do_first_eval=false", "wandb.mode=disabled")
     trainer = Trainer(cfg, load_model_config(cfg), mesh_shape(runtime.device_count(), 1, 1, 1))
     trainer.train_batches = ShorterBatchesAfter(trainer.train_batches, n=4)
-    with caplog.at_level(logging.WARNING, logger="clm.observe.recompiles"):
-        summary = trainer.train()
+    try:
+        with caplog.at_level(logging.WARNING, logger="clm.observe.recompiles"):
+            summary = trainer.train()
+    finally:
+        trainer.close()
     alerts = [r.getMessage() for r in caplog.records if r.name == "clm.observe.recompiles"]
     assert alerts and all(a.startswith("step 4: XLA compiled a new train graph after warm-up (cause: ") for a in alerts)
     assert "user torch_xla.sync" in alerts[0] and "clm/train.py" in alerts[0], alerts[0]

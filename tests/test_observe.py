@@ -3,6 +3,10 @@ writer and the MLPerf logger, torch_xla's compilation analysis, W&B's offline ru
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -135,6 +139,48 @@ def test_compilation_analysis_names_cause_graph_and_the_first_frame_outside_libr
     assert compilation.graph_hash == "953f74a5c1f8295659e0658ec732e468"
     assert compilation.frame == "train_step (/work/clm/train.py:190)"
     assert len(parse_analysis(ANALYSIS * 2)) == 2
+
+
+# A fresh process (torch_xla reads PT_XLA_DEBUG_LEVEL at its first compilation, and the test
+# session has it on): set the runtime up as the trainer does with the knob, compile a graph
+# through warm-up, then a new one after it, and report what the recompilation watch said.
+KNOB_PROBE = """
+import json, logging, os, sys, torch
+from clm import runtime
+from clm.observe.recompiles import RecompileWatch
+runtime.device_count()
+runtime.setup(None, False, compile_analysis=sys.argv[1] == "true")
+import torch_xla
+messages = []
+logging.getLogger("clm.observe.recompiles").addHandler(type("H", (logging.Handler,), {"emit": lambda self, r: messages.append(r.getMessage())})())
+watch = RecompileWatch(runtime.compile_count, runtime.compile_analysis_file(), warmup={"probe": 1})
+x = torch.arange(6.0, device=torch_xla.device())
+(x * 2).cpu(); watch.observe("probe", 1)        # warm-up
+(x.sum() + 7).cpu(); watch.observe("probe", 2)  # a new graph after it
+path = runtime.compile_analysis_file()
+print(json.dumps({"level": os.environ.get("PT_XLA_DEBUG_LEVEL"), "file": path, "messages": messages,
+                  "file_text": open(path).read() if path and os.path.exists(path) else None}))
+"""
+
+
+@pytest.mark.parametrize("analysis", [True, False])
+def test_compile_analysis_knob_names_causes_when_on_and_is_not_set_up_when_off(tmp_path, analysis):
+    env = {k: v for k, v in os.environ.items() if k not in ("PT_XLA_DEBUG_LEVEL", "PT_XLA_DEBUG_FILE")}
+    env.update(PJRT_DEVICE="CPU", CPU_NUM_DEVICES="1", TMPDIR=str(tmp_path),
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", KNOB_PROBE, str(analysis).lower()], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    (message,) = report["messages"]
+    assert message.startswith("step 2: XLA compiled a new probe graph after warm-up (cause: ")
+    if analysis:
+        assert report["level"] == "1" and report["file"].startswith(str(tmp_path))
+        assert report["file_text"].count("Compilation Cause") >= 2
+        assert "cause: unknown" not in message and "<string>" in message  # the probe's own line
+    else:
+        assert report["level"] is None and report["file"] is None  # clm set nothing up
+        assert "cause: unknown (torch_xla's compilation analysis is off: xla_compile_analysis=false" in message
 
 
 def test_mfu_flops_per_token_for_mixtral_8x22b_by_hand():

@@ -4,6 +4,7 @@ neither recompiles nor talks to the host outside log steps."""
 
 import json
 import math
+import threading
 from pathlib import Path
 
 import pytest
@@ -112,9 +113,44 @@ def test_after_warmup_no_recompilation_and_no_host_transfer_outside_log_steps(tm
         assert count("CompileTime") == compiles, f"step {step} compiled a graph of its own"
         expected = 0 if step % cfg.log_frequency else 1
         assert count("TransferFromDeviceTime") - transfers == expected, f"step {step}: device-to-host transfers"
-    trainer.train_batches.close()
-    trainer.metrics.close()
+    trainer.close()
     assert [r["step"] for r in rows(cfg)] == [3, 6, 9, 12]
+
+
+def test_a_rows_time_is_when_its_steps_values_reached_the_host(tmp_path):
+    """The host queues steps ahead of the device, so a row timed on the host when its step was
+    queued would report the enqueue rate. A row is stamped on the closure thread, after its
+    step's values were read there: hold that thread back until after the step has been queued
+    and the device has finished it, and the row's time still comes after the release. Step
+    times (and tokens/s) are the differences of those stamps. Order of events only, no speeds."""
+    import torch_xla.core.xla_model as xm
+
+    from clm.model.config import load_model_config
+    from clm.parallel import mesh_shape
+
+    cfg = config(tmp_path, "max_steps=10", "eval_frequency=100", "do_first_eval=false", "wandb.mode=disabled")
+    trainer = Trainer(cfg, load_model_config(cfg), mesh_shape(runtime.device_count(), 1, 1, 1))
+    try:
+        for _ in range(2):
+            trainer.train_step()
+        runtime.wait_for_async_closures()
+        gate = threading.Event()
+        runtime.run_async(gate.wait)  # the closure thread waits here; step 3's row queues behind it
+        trainer.train_step()
+        queued = trainer.log.elapsed()
+        xm.wait_device_ops()  # the device is done with step 3: its values could be read from now on
+        released = trainer.log.elapsed()
+        gate.set()
+        runtime.wait_for_async_closures()
+    finally:
+        trainer.close()
+    trains = [r for r in rows(cfg) if "train/loss" in r]
+    assert [r["step"] for r in trains] == [1, 2, 3]
+    assert trains[2]["perf/elapsed_seconds"] >= released > queued
+    for before, row in zip(trains, trains[1:]):
+        assert row["perf/step_time_seconds"] == pytest.approx(
+            row["perf/elapsed_seconds"] - before["perf/elapsed_seconds"], rel=1e-6, abs=1e-6)
+        assert row["perf/tokens_per_sec"] == pytest.approx(row["train/num_tokens"] / row["perf/step_time_seconds"])
 
 
 def test_checkpoint_manager_path_starts_from_the_saved_weights(tmp_path):

@@ -2,7 +2,8 @@
 step and the cause torch_xla reports, and a count (`xla/compiles_after_warmup`).
 
 torch_xla's compilation-cause analysis (PT_XLA_DEBUG_LEVEL=1, set up by
-clm.runtime.enable_compile_analysis) appends a block per compilation to a file:
+clm.runtime.enable_compile_analysis when the knob xla_compile_analysis is on) appends a block
+per compilation to a file:
 
     Compilation Analysis: Compilation Cause
     Compilation Analysis:   user torch_xla.sync
@@ -13,7 +14,8 @@ clm.runtime.enable_compile_analysis) appends a block per compilation to a file:
     Compilation Analysis:   sync (.../torch_xla/torch_xla.py:87)
     Compilation Analysis:   train_step (.../clm/train.py:150)
 
-This module reads the blocks written since the last look. Each kind of step ("train",
+This module reads the blocks written since the last look; without the file (analysis off) a
+compilation is still counted and warned about, with "cause: unknown". Each kind of step ("train",
 "eval") has its own warm-up: its first `warmup` runs may compile; later ones should not.
 """
 
@@ -109,8 +111,9 @@ class RecompileWatch:
         self.after_warmup += new
         if self._enabled:
             described = [c.describe() for c in compilations[-new:]] or [
-                "cause: unknown (torch_xla's compilation analysis is off: PT_XLA_DEBUG_LEVEL was set "
-                "by hand, or the process compiled before clm.runtime set it)"]
+                "cause: unknown (torch_xla's compilation analysis is off: xla_compile_analysis=false, "
+                "PT_XLA_DEBUG_LEVEL set by hand without PT_XLA_DEBUG_FILE, or a compilation before clm.runtime "
+                "set it)"]
             for text in described:
                 logger.warning("step %d: XLA compiled a new %s graph after warm-up (%s); a step that "
                                "recompiles runs at compile speed: look for a changed shape or a Python value "
