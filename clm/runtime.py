@@ -137,8 +137,8 @@ def quiet_native_stdout():
         os.close(saved)
 
 
-def enable_compile_analysis() -> str | None:
-    """Have torch_xla write its compilation-cause analysis to a file; returns the file's path.
+def enable_compile_analysis() -> None:
+    """Have torch_xla write its compilation-cause analysis to a file (compile_analysis_file()).
 
     torch_xla (PT_XLA_DEBUG_LEVEL=1) appends one "Compilation Analysis" block per XLA
     compilation, with the cause and the Python frames that triggered it, to
@@ -150,7 +150,6 @@ def enable_compile_analysis() -> str | None:
     if "PT_XLA_DEBUG_LEVEL" not in os.environ:
         os.environ["PT_XLA_DEBUG_LEVEL"] = "1"
         os.environ["PT_XLA_DEBUG_FILE"] = os.path.join(tempfile.gettempdir(), f"clm-xla-compiles-{os.getpid()}.log")
-    return compile_analysis_file()
 
 
 def compile_analysis_file() -> str | None:
