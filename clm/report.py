@@ -9,6 +9,7 @@ runs. Everything comes from what the run wrote: metrics.jsonl and mlperf_complia
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import statistics
@@ -19,7 +20,6 @@ from clm.cli import run_command
 from clm.errors import UserError
 
 WARMUP_STEPS = 2  # the trainer's: their timing includes compilation
-WINDOW = 5
 
 
 @dataclass
@@ -129,15 +129,23 @@ def table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
-def _windowed_throughput(rows: list[dict]) -> tuple[list[int], list[float]]:
-    """Tokens/s over windows of WINDOW rows (single rows can be bunched, see _mean)."""
-    pairs = _steady(rows)
+def throughput_curve(run: Run) -> tuple[list[int], list[float]]:
+    """Tokens/s over each window between evals, at the window's last train step.
+
+    A row's time can be late (the closure thread runs behind on a busy host: the last rows
+    before an eval come stamped together), so a window of a few rows can spike or dip. The
+    run log waits for every queued row before each eval, so a window that ends at an eval
+    ends at a device sync; the rows after the last eval (a run stopped before it) are one more.
+    """
+    syncs = sorted({r["step"] for r in run.evals})
+    windows: dict[int, list[tuple[dict, int]]] = {}
+    for row, n in _steady(run.train):
+        windows.setdefault(bisect.bisect_left(syncs, row["step"]), []).append((row, n))
     steps, values = [], []
-    for i in range(len(pairs)):
-        window = pairs[max(0, i - WINDOW + 1): i + 1]
+    for window in windows.values():
         seconds = sum(r["perf/step_time_seconds"] * n for r, n in window)
         if seconds > 0:
-            steps.append(pairs[i][0]["step"])
+            steps.append(window[-1][0]["step"])
             values.append(sum(r["train/num_tokens"] * n for r, n in window) / seconds)
     return steps, values
 
@@ -148,7 +156,7 @@ def plot(runs: list[Run], path: str) -> None:
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    panels = [("loss", None), ("learning rate", "train/lr"), (f"tokens/s ({WINDOW}-row window)", "tokens/s"),
+    panels = [("loss", None), ("learning rate", "train/lr"), ("tokens/s (between evals)", "tokens/s"),
               ("MoE drop fraction", "moe/drop_fraction")]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
     for ax, (title, key) in zip(axes.flat, panels):
@@ -163,8 +171,8 @@ def plot(runs: list[Run], path: str) -> None:
                         markeredgecolor="black", label=f"{run.name} eval" if label else "eval")
                 continue
             if key == "tokens/s":
-                steps, values = _windowed_throughput(run.train)
-                ax.plot(steps, values, color=color, label=label)
+                steps, values = throughput_curve(run)
+                ax.plot(steps, values, "o-", color=color, label=label)
                 continue
             rows = [r for r in run.train if r.get(key) is not None]
             ax.plot([r["step"] for r in rows], [r[key] for r in rows], color=color, label=label)

@@ -201,6 +201,32 @@ def test_mfu_flops_per_token_for_mixtral_8x22b_by_hand():
     assert math.isclose(by_hand, 3.01e11, rel_tol=0.002)
 
 
+def test_report_throughput_is_flat_when_the_rows_before_each_eval_come_bunched(tmp_path):
+    """1000 tokens a second throughout, but the closure thread ran late before each eval (as
+    measured in the default job on 2 shared cores): the first row of the bunch carries the
+    wait, the others 1 ms. Windows of a few rows spike to a million tokens/s there; windows
+    that end at an eval (a device sync) show the true 1000, as the summary's mean does."""
+    from clm.report import load_run, summarize, throughput_curve
+
+    rows = [{"step": 0, "eval/loss": 10.0}]
+    for step in range(1, 24):
+        seconds = 30.0 if step <= 2 else 1.0  # warm-up: compilation
+        if step in (5, 15):
+            seconds = 5.995  # stamped late, once steps up to the eval had finished
+        elif 5 < step <= 10 or 15 < step <= 20:
+            seconds = 0.001
+        rows.append({"step": step, "train/loss": 5.0, "train/num_tokens": 1000, "perf/step_time_seconds": seconds})
+        if step in (10, 20):
+            rows.append({"step": step, "eval/loss": 4.0})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    run = load_run(str(tmp_path))
+    steps, values = throughput_curve(run)
+    assert steps == [10, 20, 23], "one window up to each eval, and the steps after the last eval"
+    assert values == pytest.approx([1000.0] * 3)
+    assert summarize(run)["tokens/s"] == pytest.approx(1000.0)
+
+
 def test_wandb_offline_run_is_read_back_with_wandbs_own_records(tmp_path):
     from omegaconf import OmegaConf
 
