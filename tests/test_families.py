@@ -316,6 +316,24 @@ def test_activation_checkpointing_keeps_every_gradient(tmp_path, model_type, lay
         torch.testing.assert_close(grads[True][name], grad, rtol=1e-4, atol=1e-7, msg=name)
 
 
+def test_activation_checkpointing_recomputes_only_the_layer_classes_named():
+    """`fsdp_transformer_layer_cls_to_wrap` selects the layers recomputed: Jamba alternates
+    Mamba and attention decoder layers, two classes (on the meta device: flags only)."""
+    from transformers import AutoConfig
+
+    from clm.model.build import enable_activation_checkpointing
+    from clm.model.config import meta_model
+
+    config = AutoConfig.for_model("jamba", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                  num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                  attn_layer_period=2, attn_layer_offset=1, mamba_d_state=4)
+    for names, recomputed in [(["JambaAttentionDecoderLayer"], [1, 3]), (["JambaMambaDecoderLayer"], [0, 2]),
+                              (["JambaMambaDecoderLayer", "JambaAttentionDecoderLayer"], [0, 1, 2, 3])]:
+        model = meta_model(config)
+        enable_activation_checkpointing(model, None, names)
+        assert [i for i, layer in enumerate(model.model.layers) if layer.gradient_checkpointing] == recomputed, names
+
+
 # ------------------------------------------------------------------- (c) three bf16 steps
 
 

@@ -165,7 +165,7 @@ def check_model(cfg: DictConfig, hf_config, mesh_shape: parallel.MeshShape):
             f"({moe.CORRECTION_BIAS}, as DeepSeek-V3 has); use model.router_bias_update=false"
         )
     if cfg.model.fsdp_config.xla_fsdp_grad_ckpt:
-        checkpointed_layer_classes(model, cfg.model.fsdp_config.fsdp_transformer_layer_cls_to_wrap)
+        check_checkpointed_layer_classes(model, cfg.model.fsdp_config.fsdp_transformer_layer_cls_to_wrap)
     return model
 
 
@@ -186,9 +186,10 @@ def check_moe_knobs(cfg: DictConfig, hf_config) -> None:
         )
 
 
-def checkpointed_layer_classes(model, class_names) -> list[str]:
-    """The layers activation checkpointing recomputes: transformers' checkpointable layers
-    (its GradientCheckpointingLayer: the decoder layers), named by the reference's knob."""
+def check_checkpointed_layer_classes(model, class_names) -> None:
+    """The layers activation checkpointing recomputes are those of transformers' checkpointable
+    layers (its GradientCheckpointingLayer: the decoder layers) whose class the reference's knob
+    names: every name must be one of them."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     available = sorted({type(m).__name__ for m in model.modules() if isinstance(m, GradientCheckpointingLayer)})
@@ -198,7 +199,6 @@ def checkpointed_layer_classes(model, class_names) -> list[str]:
             f"model.fsdp_config.fsdp_transformer_layer_cls_to_wrap={list(class_names)}: "
             f"{type(model).__name__}'s checkpointable layers are {available}; use {available}"
         )
-    return available
 
 
 def build_sharded_model(cfg: DictConfig, mesh_shape: parallel.MeshShape, hf_config=None) -> ShardedModel:
@@ -256,7 +256,7 @@ def build_sharded_model(cfg: DictConfig, mesh_shape: parallel.MeshShape, hf_conf
                               dropless=grouped_matmul.dropless_experts(module, cfg.model.capacity_factor, mesh,
                                                                        mesh_shape))
     if cfg.model.fsdp_config.xla_fsdp_grad_ckpt:
-        enable_activation_checkpointing(module, routing)
+        enable_activation_checkpointing(module, routing, cfg.model.fsdp_config.fsdp_transformer_layer_cls_to_wrap)
     rate = cfg.model.router_bias_update_rate if cfg.model.router_bias_update else None
     return ShardedModel(module, mesh, mesh_shape, placements, routing, choice, rate)
 
@@ -275,9 +275,10 @@ def _cast(module, dtype: torch.dtype) -> None:
 # ---------------------------------------------------------------- activation checkpointing
 
 
-def enable_activation_checkpointing(module, routing: moe.Routing | None) -> None:
-    """Recompute each decoder layer in the backward pass, through transformers' own hook
-    (`_set_gradient_checkpointing` with torch_xla's checkpoint as the function).
+def enable_activation_checkpointing(module, routing: moe.Routing | None, class_names) -> None:
+    """Recompute the decoder layers of the classes named (`class_names`) in the backward pass,
+    through transformers' own hook (`_set_gradient_checkpointing` with torch_xla's checkpoint as
+    the function).
 
     torch_xla's checkpoint adds the optimization barriers that stop XLA from merging the
     recomputation back into the forward (which would keep every activation after all), and
@@ -293,7 +294,10 @@ def enable_activation_checkpointing(module, routing: moe.Routing | None) -> None
     module._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=partial(_checkpoint, routing))
     for layer in module.modules():
         if isinstance(layer, GradientCheckpointingLayer):
-            xs.apply_backward_optimization_barrier(layer)
+            # The hook turned it on for every checkpointable layer; the knob names the classes recomputed.
+            layer.gradient_checkpointing = type(layer).__name__ in class_names
+            if layer.gradient_checkpointing:
+                xs.apply_backward_optimization_barrier(layer)
 
 
 def _checkpoint(routing: moe.Routing | None, layer_forward, *args):
