@@ -19,9 +19,11 @@ The points, in the order a run reaches them:
 A step's row is written on torch_xla's closure thread: the step's values are one stacked
 tensor, read there in one device-to-host transfer that waits for the device, and the row is
 stamped after that read (`perf/elapsed_seconds`): never before the step's values reached the
-host, so never the time the host took to enqueue steps (it runs ahead of the device). A busy
-host can run that thread late and bunch rows; each eval first waits for every queued row, so
-the windows between evals end at a device sync, and the Summary's step time covers them.
+host, so never the time the host took to enqueue steps (it runs ahead of the device). What
+that thread shares with the main thread (the step clock, the metrics writer, the Summary) is
+behind one lock; the recompile count is the main thread's and goes to the row as of its step.
+A busy host can run that thread late and bunch rows; each eval first waits for every queued
+row, so the windows between evals end at a device sync, and the Summary's step time covers them.
 To add a metric: compute it inside the step's graph, add it to the values the trainer passes
 to `after_train_step` (one transfer for all), name it `area/name`; rows go to metrics.jsonl,
 TensorBoard and W&B alike.
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -119,6 +122,9 @@ class RunLog:
                                          warmup={"train": WARMUP_STEPS, "eval": 1}, enabled=enabled)
         self.summary = Summary(tokens_per_step=cfg.global_train_batch_size * cfg.max_length)
         self._last_row = (0, self.origin)  # (step, time its values reached the host) of the last train row
+        # Train rows are written on torch_xla's closure thread while the main thread goes on:
+        # the step clock (_last_row), the metrics writer and the Summary change only under this lock.
+        self._rows = threading.Lock()
         self._first_step = 0  # of this process: its first steps compile
         self._started = self.origin
         self._flops = (0.0, 0.0)  # (MaxText's, the reference's) training FLOPs per token
@@ -148,7 +154,8 @@ class RunLog:
     def resumed(self, step: int) -> None:
         """After a restore: this process's warm-up and step clock start at `step`."""
         self._first_step = step
-        self._last_row = (step, time.perf_counter())
+        with self._rows:
+            self._last_row = (step, time.perf_counter())
 
     def run_start(self) -> None:
         self._started = time.perf_counter()
@@ -166,35 +173,38 @@ class RunLog:
         stacked logged values (one per key), computed in every step's graph."""
         self.recompiles.observe("train", step)
         if step % self.cfg.log_frequency == 0 or step == self.cfg.max_steps:
-            runtime.run_async(self._train_row, step, lr, keys, values, skipped_lines)
+            # The recompile watch is the main thread's: the row gets its count as of this step,
+            # not of whatever step the main thread has reached when the closure runs.
+            runtime.run_async(self._train_row, step, lr, keys, values, skipped_lines, self.recompiles.after_warmup)
 
     def _train_row(self, step: int, lr: float, keys: list[str], device_values: torch.Tensor,
-                   skipped_lines: int) -> None:
+                   skipped_lines: int, compiles_after_warmup: int) -> None:
         """On torch_xla's closure thread: one transfer, which waits for the device to finish the step."""
         values = dict(zip(keys, device_values.cpu().tolist()))
         arrived = time.perf_counter()  # the step's values are on the host: the row's time, after the read
         values["train/num_tokens"] = int(values["train/num_tokens"])
-        last_step, last_time = self._last_row
-        self._last_row = (step, arrived)
-        step_time = (arrived - last_time) / (step - last_step)
-        tokens_per_sec = values["train/num_tokens"] / step_time
-        flops, reference_flops = self._flops
-        values.update({
-            "train/lr": lr,
-            "perf/step_time_seconds": step_time,
-            "perf/tokens_per_sec": tokens_per_sec,
-            "perf/tokens_per_sec_per_device": tokens_per_sec / self._devices,
-            "perf/mfu": mfu(flops, tokens_per_sec, self._devices, self._device_kind),
-            "perf/reference_mfu": mfu(reference_flops, tokens_per_sec, self._devices, self._device_kind),
-            "perf/elapsed_seconds": arrived - self.origin,
-            "data/skipped_lines": skipped_lines,
-            "xla/compiles_after_warmup": self.recompiles.after_warmup,
-        })
-        self.metrics.write(step, values)
-        self.summary.train_loss = values["train/loss"]
-        if last_step - self._first_step >= WARMUP_STEPS:
-            self.summary.step_times.append((step_time, step - last_step))
-            self.summary.mfu = values["perf/mfu"]
+        with self._rows:
+            last_step, last_time = self._last_row
+            self._last_row = (step, arrived)
+            step_time = (arrived - last_time) / (step - last_step)
+            tokens_per_sec = values["train/num_tokens"] / step_time
+            flops, reference_flops = self._flops
+            values.update({
+                "train/lr": lr,
+                "perf/step_time_seconds": step_time,
+                "perf/tokens_per_sec": tokens_per_sec,
+                "perf/tokens_per_sec_per_device": tokens_per_sec / self._devices,
+                "perf/mfu": mfu(flops, tokens_per_sec, self._devices, self._device_kind),
+                "perf/reference_mfu": mfu(reference_flops, tokens_per_sec, self._devices, self._device_kind),
+                "perf/elapsed_seconds": arrived - self.origin,
+                "data/skipped_lines": skipped_lines,
+                "xla/compiles_after_warmup": compiles_after_warmup,
+            })
+            self.metrics.write(step, values)
+            self.summary.train_loss = values["train/loss"]
+            if last_step - self._first_step >= WARMUP_STEPS:
+                self.summary.step_times.append((step_time, step - last_step))
+                self.summary.mfu = values["perf/mfu"]
 
     def eval_start(self, samples: int) -> None:
         # The queued train rows first, so that every training window ends here, once the host
@@ -211,12 +221,13 @@ class RunLog:
         self.recompiles.observe("eval", step)
         self.mlperf.eval_stop(samples, eval_loss)
         runtime.wait_for_async_closures()  # rows in step order: this step's train row first
-        self.metrics.write(step, {"eval/loss": eval_loss, "eval/num_tokens": num_tokens,
-                                  "data/eval_skipped_lines": skipped_lines})
-        tqdm.write(f"step {step}: eval/loss={eval_loss:.4f}", file=sys.stdout)
-        # Eval time is not training time: the next row's step time starts here, when the device
-        # is idle (the eval loss has reached the host).
-        self._last_row = (step, time.perf_counter())
+        with self._rows:
+            self.metrics.write(step, {"eval/loss": eval_loss, "eval/num_tokens": num_tokens,
+                                      "data/eval_skipped_lines": skipped_lines})
+            tqdm.write(f"step {step}: eval/loss={eval_loss:.4f}", file=sys.stdout)
+            # Eval time is not training time: the next row's step time starts here, when the
+            # device is idle (the eval loss has reached the host).
+            self._last_row = (step, time.perf_counter())
 
     # ------------------------------------------------------------------ run end
 
@@ -226,12 +237,13 @@ class RunLog:
     def summarize(self, loop, stop_reason: str, *, skipped_lines: int) -> Summary:
         """The run's Summary, once every row has been written."""
         runtime.wait_for_async_closures()
-        s = self.summary
-        s.stop_reason, s.steps = stop_reason, loop.step
-        s.eval_loss, s.best_eval_loss = loop.eval_loss, loop.best_eval_loss
-        s.wall_seconds = time.perf_counter() - self._started
-        s.compiles, s.compiles_after_warmup = runtime.compile_count(), self.recompiles.after_warmup
-        s.skipped_lines = skipped_lines
+        with self._rows:
+            s = self.summary
+            s.stop_reason, s.steps = stop_reason, loop.step
+            s.eval_loss, s.best_eval_loss = loop.eval_loss, loop.best_eval_loss
+            s.wall_seconds = time.perf_counter() - self._started
+            s.compiles, s.compiles_after_warmup = runtime.compile_count(), self.recompiles.after_warmup
+            s.skipped_lines = skipped_lines
         return s
 
     def close(self) -> None:
@@ -240,6 +252,7 @@ class RunLog:
         try:
             runtime.wait_for_async_closures()
         finally:
-            self.metrics.close()
+            with self._rows:  # when the wait was cut short, after the row being written
+                self.metrics.close()
             self.mlperf.close()
             self.wandb.finish()
