@@ -24,6 +24,7 @@ from clm.checkpoint import Checkpointer, RNGState
 from clm.errors import EXIT_OK, EXIT_PREEMPTED
 from clm.model.build import build_sharded_model, check_model
 from clm.model.config import load_model_config
+from clm.observe import console
 from clm.observe.run_log import RunLog, Summary, print_summary
 from clm.optim import build_optimizer, build_scheduler, prime_optimizer, warmup_steps
 from clm.preemption import StopRequests
@@ -100,9 +101,9 @@ class Trainer:
             step = self.checkpointer.restore(self.resume_from)
             self.log.resumed(step)
             finished = step >= self.cfg.max_steps or self.loop.target_reached
-            tqdm.write(f"resumed from {self.resume_from} (step {step})" + (
+            console.say(f"resumed from {self.resume_from} (step {step})" + (
                 "; that run is complete: raise max_steps (with sched.max_steps pinned), or set resume=never "
-                "or a new exp_name to train anew" if finished else ""), file=sys.stdout)
+                "or a new exp_name to train anew" if finished else ""))
 
     def start(self) -> None:
         """Write the run's config (secrets redacted), start producing data (the shuffle buffer
@@ -150,8 +151,8 @@ class Trainer:
         stop_request = self.stop_requests.poll()
         if stop_request:
             self.checkpointer.save(self.loop.step, blocking=True)
-            tqdm.write(f"step {self.loop.step}: {stop_request}: checkpoint saved, exiting with code "
-                       f"{EXIT_PREEMPTED} (run the same command to resume)", file=sys.stdout)
+            console.say(f"step {self.loop.step}: {stop_request}: checkpoint saved, exiting with code "
+                        f"{EXIT_PREEMPTED} (run the same command to resume)")
         else:
             self.checkpointer.maybe_save(self.loop.step)
         return stop_request
@@ -221,7 +222,7 @@ class Trainer:
         self.train_step()
         xm.wait_device_ops()  # the trace must cover the device's execution, not just its launch
         xp.stop_trace()
-        tqdm.write(f"step {self.loop.step}: profile written to {self.cfg.run_dir}/profile", file=sys.stdout)
+        console.say(f"step {self.loop.step}: profile written to {self.cfg.run_dir}/profile")
 
     def evaluate(self) -> None:
         """Token-weighted mean loss over every scored label of the validation set."""

@@ -40,6 +40,17 @@ def test_redact_hides_secret_keys_and_secret_env_values_everywhere():
     assert redact_text("token hf_abcdefgh123 end", values) == f"token {REDACTED} end"
 
 
+def test_the_runs_own_lines_go_to_stdout_with_secrets_hidden():
+    """console.say, which the trainer's lines (eval losses, resume, a stop) go through: stdout,
+    as users read them, with a secret's value hidden (a token pasted into a path, say)."""
+    code = "from clm.observe import console; console.say('resumed from gs://b/hf_plantedToken123/ckpt/4 (step 4)')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+                               "HF_TOKEN": "hf_plantedToken123"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"resumed from gs://b/{REDACTED}/ckpt/4 (step 4)\n" and done.stderr == ""
+
+
 def test_metrics_writer_resume_keeps_rows_to_the_checkpoint_and_drops_the_dead_runs(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -5,7 +5,9 @@ sharding propagation is going to be deprecated ... migrate to Shardy": torch_xla
 no Shardy path for this code), and torch_xla announces on the root logger which device it
 defaulted to. By default clm sets TF_CPP_MIN_LOG_LEVEL=2 (XLA's C++ errors still show) and
 drops the device announcement; `TF_CPP_MIN_LOG_LEVEL=0` brings XLA's lines back.
-Python warnings and every clm log record stay visible.
+Python warnings and every clm log record stay visible, on stderr. The run's own lines (eval
+losses, resume, a stop) go to stdout through `say`. Both write through tqdm, so that a line
+never breaks the progress bar, and hide secrets.
 """
 
 from __future__ import annotations
@@ -40,6 +42,13 @@ class _ConsoleHandler(logging.Handler):
             tqdm.write(redact_text(self.format(record)), file=sys.stderr)
         except Exception:  # a broken console must not stop training
             self.handleError(record)
+
+
+def say(line: str) -> None:
+    """One line of the run's own output, on stdout (eval losses, resume, a stop)."""
+    from tqdm import tqdm
+
+    tqdm.write(redact_text(line), file=sys.stdout)
 
 
 def _not_device_choice(record: logging.LogRecord) -> bool:

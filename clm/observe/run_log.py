@@ -32,16 +32,15 @@ TensorBoard and W&B alike.
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 
 import torch
-from tqdm import tqdm
 
 from clm import runtime
 from clm.metrics import MetricsWriter, mfu, reference_flops_per_token, training_flops_per_token
+from clm.observe import console
 from clm.observe.mlperf import MLPerfLogger
 from clm.observe.recompiles import RecompileWatch
 from clm.observe.wandb_run import WandbRun
@@ -224,7 +223,7 @@ class RunLog:
         with self._rows:
             self.metrics.write(step, {"eval/loss": eval_loss, "eval/num_tokens": num_tokens,
                                       "data/eval_skipped_lines": skipped_lines})
-            tqdm.write(f"step {step}: eval/loss={eval_loss:.4f}", file=sys.stdout)
+            console.say(f"step {step}: eval/loss={eval_loss:.4f}")
             # Eval time is not training time: the next row's step time starts here, when the
             # device is idle (the eval loss has reached the host).
             self._last_row = (step, time.perf_counter())
