@@ -234,6 +234,45 @@ def test_bad_weights_exit_2_with_one_line_before_anything_is_written(tmp_path, h
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("layout, cut", [("one file", "data"), ("sharded", "header")])
+def test_a_safetensors_file_cut_short_is_one_line_saying_to_download_it_again(tmp_path, layout, cut):
+    """A broken download: written by transformers' save_pretrained, then the data cut off behind
+    an intact header, or the cut inside the header. One file (read for its keys) or sharded."""
+    from families import write_family
+
+    from clm.errors import EXIT_USER_ERROR
+
+    hub = write_family(tmp_path / "hub", "mixtral", max_shard_size="1GB" if layout == "one file" else "2MB")
+    files = sorted(hub.glob("*.safetensors"))
+    assert len(files) > 1 if layout == "sharded" else [f.name for f in files] == ["model.safetensors"]
+    broken = files[-1]
+    data = broken.read_bytes()
+    header = 8 + int.from_bytes(data[:8], "little")
+    broken.write_bytes(data[:header + 64] if cut == "data" else data[:header // 2])
+    env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, str(REPO / "run_clm.py"), f"model.name_or_path={hub}",
+                             f"output_dir={tmp_path / 'out'}"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == EXIT_USER_ERROR, result.stderr[-3000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: model.name_or_path={hub}: {broken.name} is cut short") and line.endswith(
+        "download it again"), line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_file_cut_short_after_its_headers_were_read_is_one_line_when_its_tensors_are_read(tmp_path, hub_dir):
+    from clm.errors import UserError
+    from clm.model.weights import HubCheckpoint
+
+    hub = _copy(hub_dir, tmp_path)
+    checkpoint = HubCheckpoint(str(hub))
+    checkpoint.shapes()  # the pre-flight check: the file was whole then
+    key = "model.embed_tokens.weight"
+    broken = hub / checkpoint.weight_map[key]
+    broken.write_bytes(broken.read_bytes()[:-64])
+    with pytest.raises(UserError, match=f"{broken.name} is cut short .*; download it again$"):
+        checkpoint.read(key, (slice(0, 2), slice(None)))
+
+
 def test_tokenizer_comes_from_the_pretrained_directory(hub_dir, tmp_path):
     from omegaconf import OmegaConf
 

@@ -29,6 +29,7 @@ import os
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
@@ -360,9 +361,7 @@ class HubCheckpoint:
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise UserError(f"{self.knob}: {INDEX} is not a safetensors index ({e})") from None
         elif (self.path / SINGLE).is_file():
-            from safetensors import safe_open
-
-            with safe_open(self.path / SINGLE, framework="pt") as f:
+            with self._open(SINGLE) as f:
                 weight_map = {key: SINGLE for key in f.keys()}
         else:
             raise UserError(f"{self.knob}: neither {INDEX} nor {SINGLE} in it")
@@ -371,6 +370,21 @@ class HubCheckpoint:
                 raise UserError(f"{self.knob}: {file}, named in {INDEX}, does not exist")
         return weight_map
 
+    @contextmanager
+    def _open(self, file: str):
+        """A safetensors file of this directory, opened lazily. safetensors checks on opening that
+        the header describes the whole file, so a file cut short (a broken download) fails here."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(self.path / file, framework="pt") as f:
+                yield f
+        except SafetensorError as e:
+            raise UserError(f"{self.knob}: {file} is cut short or is not a safetensors file ({e}); "
+                            "download it again") from None
+        except OSError as e:
+            raise UserError(f"{self.knob}: {file} cannot be read ({e})") from None
+
     @property
     def files(self) -> list[str]:
         return sorted(set(self.weight_map.values()))
@@ -378,18 +392,13 @@ class HubCheckpoint:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Each tensor's shape from the safetensors headers (no tensor data is read)."""
         if self._shapes is None:
-            from safetensors import safe_open
-
             shapes = {}
             for file in self.files:
-                try:
-                    with safe_open(self.path / file, framework="pt") as f:
-                        for key in f.keys():
-                            tensor = f.get_slice(key)
-                            shapes[key] = tuple(tensor.get_shape())
-                            self._dtypes[key] = _SAFETENSORS_DTYPES.get(tensor.get_dtype(), torch.float32)
-                except Exception as e:  # safetensors raises its own error types for a corrupt header
-                    raise UserError(f"{self.knob}: {file} is not a safetensors file ({e})") from None
+                with self._open(file) as f:
+                    for key in f.keys():
+                        tensor = f.get_slice(key)
+                        shapes[key] = tuple(tensor.get_shape())
+                        self._dtypes[key] = _SAFETENSORS_DTYPES.get(tensor.get_dtype(), torch.float32)
             absent = [k for k, file in self.weight_map.items() if k not in shapes]
             if absent:
                 raise UserError(f"{self.knob}: {INDEX} names tensors that its files do not hold: {_name_list(absent)}")
@@ -427,10 +436,9 @@ class HubCheckpoint:
                                 f"{list(shape)}")
 
     def read(self, key: str, index: Index) -> torch.Tensor:
-        from safetensors import safe_open
-
         # Opened per read: the mapping is dropped right after, so its pages leave this process.
-        with safe_open(self.path / self.weight_map[key], framework="pt") as f:
+        # (A file cut short after the headers were read fails here, as one line too.)
+        with self._open(self.weight_map[key]) as f:
             return f.get_slice(key)[index]
 
     def sources(self, model: torch.nn.Module) -> dict[str, Lazy]:
