@@ -35,3 +35,33 @@ import torch_xla.runtime  # noqa: E402
 torch_xla.runtime.global_runtime_device_count()
 torch_xla.runtime.use_spmd()
 
+
+
+import pytest  # noqa: E402
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: a worker per core, at most 4 (each holds XLA's 8 virtual devices and its
+    compiled programs; the suite's memory stays under a 24 GB machine's)."""
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist's loadgroup, a module's tests stay on one worker (its module-scoped
+    fixtures are made once) unless the module names a group of its own, as the tests sharing the
+    tiny run do (tests/runs.py). (tryfirst: before xdist reads the groups.)"""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The shared run (tests/runs.py), trained once per session and never stopped: (config, summary).
+    Read its outputs; never write under its run_dir."""
+    import runs
+    from clm.train import train
+
+    cfg = runs.tiny_run_config(tmp_path_factory.mktemp("tiny_run"))
+    return cfg, train(cfg)

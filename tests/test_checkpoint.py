@@ -7,30 +7,27 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import random
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
 from clm import checkpoint, runtime
-from clm.config import load_config
 from clm.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
 from clm.train import exit_code, train
+from runs import GROUP, TINY_RUN
+from runs import tiny_run_config as config
 from test_data_gcs import gcs_server  # noqa: F401  (the fixture)
 
+pytestmark = pytest.mark.xdist_group(GROUP)
+
 REPO = Path(__file__).resolve().parent.parent
-# 8 steps of 8 sequences x 64 tokens, a checkpoint every 2, evals at 0, 4 and 8.
-RUN = ["max_steps=8", "checkpoint_every=2", "eval_frequency=4", "max_length=64", "per_device_train_batch_size=1",
-       "n_eval_examples=10", "global_train_batch_size=8", "global_eval_batch_size=8"]
-
-
-def config(output_dir, *overrides):
-    return load_config([f"output_dir={output_dir}", *RUN, *overrides], num_devices=runtime.device_count())
+LAST = 10  # the shared run's last step (tests/runs.py)
 
 
 def rows(run_dir) -> list[tuple]:
@@ -57,11 +54,10 @@ def assert_same_weights(a, b):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    """The reference: the same run, never stopped."""
-    cfg = config(tmp_path_factory.mktemp("uninterrupted"))
-    summary = train(cfg)
-    assert summary.steps == 8 and exit_code(summary) == 0
+def uninterrupted(tiny_run):
+    """The reference: the shared run (tests/runs.py), never stopped."""
+    cfg, summary = tiny_run
+    assert summary.steps == LAST and exit_code(summary) == 0
     return cfg
 
 
@@ -76,18 +72,18 @@ def test_kill_switch_saves_stops_and_resumes_bitwise(tmp_path, uninterrupted):
 
     switch.unlink()
     summary = train(cfg)  # the same command again
-    assert summary.stop_reason == "max_steps" and summary.steps == 8 and exit_code(summary) == 0
+    assert summary.stop_reason == "max_steps" and summary.steps == LAST and exit_code(summary) == 0
     assert rows(cfg.run_dir) == rows(uninterrupted.run_dir)
-    assert_same_weights(Path(cfg.checkpoint_dir) / "8", Path(uninterrupted.checkpoint_dir) / "8")
+    assert_same_weights(Path(cfg.checkpoint_dir) / str(LAST), Path(uninterrupted.checkpoint_dir) / str(LAST))
     # Retention: the newest checkpoints_to_keep=2 complete ones.
-    assert checkpoint.step_directories(cfg.checkpoint_dir) == {6: True, 8: True}
+    assert checkpoint.step_directories(cfg.checkpoint_dir) == {LAST - 2: True, LAST: True}
 
 
 def test_a_finished_run_resumes_to_nothing_and_says_so(tmp_path, uninterrupted, capsys):
     cfg = config(uninterrupted.output_dir)
     before = rows(cfg.run_dir)
     summary = train(cfg)
-    assert summary.steps == 8 and summary.eval_loss == before[-1][2]
+    assert summary.steps == LAST and summary.eval_loss == before[-1][2]
     assert "that run is complete" in capsys.readouterr().out
     assert rows(cfg.run_dir) == before
 
@@ -106,7 +102,7 @@ def test_host_state_keeps_the_names_and_format_that_earlier_checkpoints_have(tmp
     from clm.parallel import mesh_shape
     from clm.train import Trainer
 
-    step_dir = Path(uninterrupted.checkpoint_dir) / "8"
+    step_dir = Path(uninterrupted.checkpoint_dir) / str(LAST)
     host = pickle.loads(checkpoint.read_items(str(step_dir), {"host_0": b""})["host_0"])
     assert set(host) == HOST_STATE
     for name, keys in REPORTING_STATE.items():
@@ -117,7 +113,7 @@ def test_host_state_keeps_the_names_and_format_that_earlier_checkpoints_have(tmp
         trainer.restore()
     finally:
         trainer.close()
-    assert trainer.loop.state_dict() == host["loop"] and trainer.loop.step == 8
+    assert trainer.loop.state_dict() == host["loop"] and trainer.loop.step == LAST
     log = trainer.log.host_state()
     for name in ("metrics", "wandb", "recompiles"):
         assert log[name].state_dict() == host[name], name
@@ -133,7 +129,7 @@ def test_checkpoint_saved_on_one_mesh_resumes_on_another(tmp_path, uninterrupted
     assert train(cfg).steps == 1
     switch.unlink()
     resumed = train(config(tmp_path, f"kill_switch_path={switch}", "tensor_parallelism=2"))
-    assert resumed.steps == 8
+    assert resumed.steps == LAST
     ours = [r for r in rows(cfg.run_dir) if r[1] is not None]
     reference = [r for r in rows(uninterrupted.run_dir) if r[1] is not None]
     assert [r[0] for r in ours] == [r[0] for r in reference]
@@ -143,14 +139,14 @@ def test_checkpoint_saved_on_one_mesh_resumes_on_another(tmp_path, uninterrupted
 def test_async_checkpoint_gives_the_same_checkpoints(tmp_path, uninterrupted):
     cfg = config(tmp_path, "async_checkpoint=true", "checkpoints_to_keep=0")
     train(cfg)
-    assert checkpoint.step_directories(cfg.checkpoint_dir) == {2: True, 4: True, 6: True, 8: True}
+    assert checkpoint.step_directories(cfg.checkpoint_dir) == {2: True, 4: True, 6: True, 8: True, 10: True}
     assert rows(cfg.run_dir) == rows(uninterrupted.run_dir)
-    assert_same_weights(Path(cfg.checkpoint_dir) / "8", Path(uninterrupted.checkpoint_dir) / "8")
+    assert_same_weights(Path(cfg.checkpoint_dir) / str(LAST), Path(uninterrupted.checkpoint_dir) / str(LAST))
 
 
 def test_incomplete_checkpoint_is_ignored_with_a_warning_and_kept(tmp_path, uninterrupted, caplog):
     """A save killed part-way (here: its commit marker never written) is not resumed from."""
-    cfg = config(tmp_path, "max_steps=4", "sched.max_steps=8")  # the same schedule as 8 steps
+    cfg = config(tmp_path, "max_steps=4", f"sched.max_steps={LAST}")  # the shared run's schedule
     train(cfg)
     (Path(cfg.checkpoint_dir) / "4" / checkpoint.COMMIT_MARKER).unlink()
     assert checkpoint.resume_directory(cfg).endswith("/2")
@@ -169,13 +165,13 @@ def test_save_and_resume_through_gcs(tmp_path, gcs_server, uninterrupted):  # no
     switch.unlink()
     train(config(tmp_path, f"checkpoint_dir={ckpt}"))
     assert rows(cfg.run_dir) == rows(uninterrupted.run_dir)
-    assert_same_weights(f"{ckpt}/8", Path(uninterrupted.checkpoint_dir) / "8")
+    assert_same_weights(f"{ckpt}/{LAST}", Path(uninterrupted.checkpoint_dir) / str(LAST))
 
     listing = subprocess.run([sys.executable, "-m", "clm.checkpoint", "ls", ckpt], capture_output=True, text=True,
                              cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300)
     assert listing.returncode == 0, listing.stderr
     lines = listing.stdout.strip().splitlines()
-    assert [line.split()[0] for line in lines] == ["step=6", "step=8"]
+    assert [line.split()[0] for line in lines] == [f"step={LAST - 2}", f"step={LAST}"]
     assert all("complete" in line and "max_length=64" in line and "size_mb=" in line for line in lines)
 
 
@@ -310,15 +306,15 @@ def test_unreachable_bucket_is_one_line(tmp_path, gcs_server):  # noqa: F811
 
 
 def test_resume_with_changed_semantics_names_the_knobs(tmp_path, uninterrupted):
-    saved = Path(uninterrupted.checkpoint_dir) / "8"
+    saved = Path(uninterrupted.checkpoint_dir) / str(LAST)
     with pytest.raises(UserError, match=r"different knobs: lr \(0.002 -> 0.001\), seed \(0 -> 3\)"):
         train(config(tmp_path, f"resume={saved}", "lr=1e-3", "seed=3"))
     # Knobs that only change how long or how often are fine; consent allows the rest.
     checkpoint.check_config_matches(config(tmp_path, "eval_frequency=3", "log_frequency=2"), str(saved))
     # max_steps moves the schedule (warmup is a fraction of sched.max_steps) unless it is pinned.
-    with pytest.raises(UserError, match=r"sched.max_steps \(8 -> 20\)"):
+    with pytest.raises(UserError, match=r"sched.max_steps \(10 -> 20\)"):
         checkpoint.check_config_matches(config(tmp_path, "max_steps=20"), str(saved))
-    checkpoint.check_config_matches(config(tmp_path, "max_steps=20", "sched.max_steps=8"), str(saved))
+    checkpoint.check_config_matches(config(tmp_path, "max_steps=20", f"sched.max_steps={LAST}"), str(saved))
     checkpoint.check_config_matches(config(tmp_path, f"resume={saved}", "lr=1e-3", "allow_config_change=true"),
                                     str(saved))
 
@@ -327,7 +323,7 @@ def test_checkpoint_of_another_architecture_names_the_tensors(tmp_path, uninterr
     model_json = json.loads((REPO / "clm/model/configs/mixtral_tiny.json").read_text())
     model_json["intermediate_size"] = 224
     (tmp_path / "narrow.json").write_text(json.dumps(model_json))
-    saved = Path(uninterrupted.checkpoint_dir) / "8"
+    saved = Path(uninterrupted.checkpoint_dir) / str(LAST)
     with pytest.raises(UserError, match=r"different model architecture .*gate_up_proj \[8, 896, 128\] vs \[8, 448, 128\]"):
         train(config(tmp_path, f"resume={saved}", "allow_config_change=true",
                      f"model.config_path={tmp_path / 'narrow.json'}"))
@@ -358,7 +354,7 @@ def test_a_checkpoint_with_missing_shards_is_one_line(tmp_path):
 
 def launch(output_dir, *overrides, model_json=None) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3")
-    args = [f"output_dir={output_dir}", *RUN, *overrides]
+    args = [f"output_dir={output_dir}", *TINY_RUN, "xla_profile_step=-1", *overrides]  # (no profiler: not the point)
     return subprocess.Popen([sys.executable, str(REPO / "run_clm.py"), *args], env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -380,61 +376,86 @@ def finish(process) -> tuple[int, str]:
     return process.returncode, output
 
 
-def test_kill_9_at_a_random_step_then_the_same_command_continues_bitwise(tmp_path, uninterrupted):
-    run_dir = tmp_path / "moe_trial"
-    process = launch(tmp_path)
-    wait_for(lambda: complete(run_dir, 2), process, what="the first checkpoint")
-    time.sleep(random.uniform(0, 4))  # somewhere in steps 2..8
-    process.send_signal(signal.SIGKILL)
-    code, _ = finish(process)
-    assert code == -signal.SIGKILL
+def freeze_during_a_save(process, checkpoints: Path, after: int) -> int:
+    """Stop the run (SIGSTOP) as soon as the directory of a save past step `after` appears; if
+    that save is still being written (no commit marker), kill -9 the run right there and return
+    its step; a save that had already finished lets the run go on (SIGCONT) to the next one."""
+    seen = after
+    while True:
+        wait_for(lambda: max(checkpoint.step_directories(str(checkpoints)), default=0) > seen, process,
+                 what=f"a save after step {seen} (every save finished before the run could be stopped)")
+        process.send_signal(signal.SIGSTOP)
+        step = max(checkpoint.step_directories(str(checkpoints)))
+        if not (checkpoints / str(step) / checkpoint.COMMIT_MARKER).exists():
+            process.send_signal(signal.SIGKILL)
+            return step
+        process.send_signal(signal.SIGCONT)
+        seen = step
 
-    code, output = finish(launch(tmp_path))
-    assert code == 0, output[-3000:]
-    assert "resumed from" in output
-    assert rows(run_dir) == rows(uninterrupted.run_dir)
-    assert_same_weights(run_dir / "checkpoints/8", Path(uninterrupted.checkpoint_dir) / "8")
+
+@dataclass
+class Launch:
+    code: int
+    output: str
+    steps: dict[int, bool]  # the checkpoints once it ended
 
 
-def test_sigterm_saves_and_exits_75_even_when_sent_twice_then_resumes(tmp_path, uninterrupted):
-    run_dir = tmp_path / "moe_trial"
-    process = launch(tmp_path, "checkpoint_every=0")
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """The shared run as real processes, stopped twice by real signals, each time resumed by the
+    same command: SIGTERM after step 2 (sent twice: the second, as if during the save, is only
+    noted), then kill -9 in the middle of a save, then to the end. The tiny run's configuration,
+    so each process compiles the smallest model again (XLA's CPU client cannot load programs)."""
+    output_dir = tmp_path_factory.mktemp("interrupted")
+    run_dir = output_dir / "moe_trial"
+    checkpoints = run_dir / "checkpoints"
+    launches = {}
+
+    # Only the checkpoint SIGTERM saves (checkpoint_every may change on resume).
+    process = launch(output_dir, "checkpoint_every=0")
     wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(rows(run_dir)) >= 3, process,
              what="step 2's metrics")
     process.send_signal(signal.SIGTERM)
     time.sleep(0.3)
-    process.send_signal(signal.SIGTERM)  # e.g. during the save: only noted
+    process.send_signal(signal.SIGTERM)
     code, output = finish(process)
-    assert code == EXIT_PREEMPTED, output[-3000:]
-    steps = checkpoint.step_directories(str(run_dir / "checkpoints"))
-    assert len(steps) == 1 and all(steps.values()) and 2 <= next(iter(steps)) < 8
+    launches["sigterm"] = Launch(code, output, checkpoint.step_directories(str(checkpoints)))
 
-    code, output = finish(launch(tmp_path, "checkpoint_every=0"))
-    assert code == 0, output[-3000:]
+    # Every checkpoint kept, to see which were complete.
+    process = launch(output_dir, "checkpoints_to_keep=0")
+    killed_at = freeze_during_a_save(process, checkpoints, after=max(launches["sigterm"].steps, default=0))
+    code, output = finish(process)
+    launches["kill_9"] = Launch(code, output, checkpoint.step_directories(str(checkpoints)))
+
+    code, output = finish(launch(output_dir, "checkpoints_to_keep=0"))
+    launches["last"] = Launch(code, output, checkpoint.step_directories(str(checkpoints)))
+    return run_dir, killed_at, launches
+
+
+def test_sigterm_saves_and_exits_75_even_when_sent_twice(interrupted):
+    _, _, launches = interrupted
+    sigterm = launches["sigterm"]
+    assert sigterm.code == EXIT_PREEMPTED, sigterm.output[-3000:]
+    assert len(sigterm.steps) == 1 and all(sigterm.steps.values()) and 2 <= next(iter(sigterm.steps)) < LAST
+
+
+def test_a_process_killed_during_a_save_resumes_from_the_previous_checkpoint(interrupted):
+    _, killed_at, launches = interrupted
+    kill_9, last = launches["kill_9"], launches["last"]
+    assert kill_9.code == -signal.SIGKILL
+    assert kill_9.steps[killed_at] is False
+    previous = max(step for step, complete in kill_9.steps.items() if complete and step < killed_at)
+    assert "resumed from" in kill_9.output  # the SIGTERM's checkpoint
+    assert last.code == 0, last.output[-3000:]
+    assert f"checkpoints/{killed_at} is incomplete" in last.output, last.output[-3000:]
+    assert "resumed from" in last.output and f"(step {previous})" in last.output
+    assert all(last.steps.values()) and killed_at in last.steps and LAST in last.steps
+
+
+def test_after_sigterm_and_kill_9_the_same_command_continues_bitwise(interrupted, uninterrupted):
+    run_dir, _, _ = interrupted
     assert rows(run_dir) == rows(uninterrupted.run_dir)
-
-
-def test_a_process_killed_during_a_save_resumes_from_the_previous_checkpoint(tmp_path):
-    """A model large enough that a save takes a while (about 1 GB with AdamW's state): kill -9
-    while checkpoint 4 is being written, after checkpoint 2 is complete."""
-    model_json = json.loads((REPO / "clm/model/configs/mixtral_tiny.json").read_text())
-    model_json.update(hidden_size=512, intermediate_size=1792, num_attention_heads=8, num_key_value_heads=4)
-    (tmp_path / "wide.json").write_text(json.dumps(model_json))
-    run_dir = tmp_path / "moe_trial"
-    overrides = (f"model.config_path={tmp_path / 'wide.json'}", "max_steps=6", "eval_frequency=100",
-                 "do_first_eval=false", "checkpoints_to_keep=0")
-    process = launch(tmp_path, *overrides)
-    wait_for(lambda: complete(run_dir, 2), process, what="checkpoint 2")
-    wait_for(lambda: (run_dir / "checkpoints/4").exists(), process, what="the save of checkpoint 4 to start")
-    process.send_signal(signal.SIGKILL)
-    finish(process)
-    assert checkpoint.step_directories(str(run_dir / "checkpoints")) == {2: True, 4: False}
-
-    code, output = finish(launch(tmp_path, *overrides))
-    assert code == 0, output[-3000:]
-    assert "checkpoints/4 is incomplete" in output and "resumed from" in output and "(step 2)" in output
-    assert [r[0] for r in rows(run_dir) if r[1] is not None] == [1, 2, 3, 4, 5, 6]  # train rows
-    assert checkpoint.step_directories(str(run_dir / "checkpoints")) == {2: True, 4: True, 6: True}
+    assert_same_weights(run_dir / f"checkpoints/{LAST}", Path(uninterrupted.checkpoint_dir) / str(LAST))
 
 
 def test_bad_checkpoint_input_is_one_line_and_exit_2(tmp_path):

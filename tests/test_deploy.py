@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import base64
 import copy
+import fcntl
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -177,15 +179,25 @@ def test_launched_overrides_compose_into_a_valid_config():
 
 @pytest.fixture(scope="session")
 def xpk_bin() -> str:
-    """xpk in its own venv (.venv-xpk/, gitignored, made once): xpk pins older protobuf,
-    google-cloud-storage and PyYAML than clm's environment has. CLM_XPK overrides."""
+    """xpk in its own venv: xpk pins older protobuf, google-cloud-storage and PyYAML than clm's
+    environment has. Made once per xpk and Python version, outside the clone (a fresh clone, as
+    CI's, reuses it: ~/.cache/clm/xpk-VERSION-pyXY), under a lock (test workers may ask at once),
+    and trusted only once complete (an interrupted install is made again). CLM_XPK overrides."""
     if os.environ.get("CLM_XPK"):
         return os.environ["CLM_XPK"]
-    env_dir = ROOT / ".venv-xpk"
-    xpk = env_dir / "bin" / "xpk"
-    if not xpk.exists():
-        venv.create(env_dir, with_pip=True)
-        subprocess.run([str(env_dir / "bin" / "pip"), "install", "--quiet", f"xpk=={XPK_VERSION}"], check=True)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clm"
+    env_dir = cache / f"xpk-{XPK_VERSION}-py{sys.version_info.major}{sys.version_info.minor}"
+    xpk, complete = env_dir / "bin" / "xpk", env_dir / "complete"
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / "xpk.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not complete.exists():
+            # Built in place (a venv's scripts name their interpreter by absolute path), so a
+            # marker says it is whole.
+            shutil.rmtree(env_dir, ignore_errors=True)
+            venv.create(env_dir, with_pip=True)
+            subprocess.run([str(env_dir / "bin" / "pip"), "install", "--quiet", f"xpk=={XPK_VERSION}"], check=True)
+            complete.touch()
     return str(xpk)
 
 

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import os
 import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -112,33 +114,90 @@ def clm_forward(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
 # ------------------------------------------------------------------ (a) equal to transformers
 
 
+@dataclass
+class Built:
+    """A family's model as clm builds it from its hub-layout directory (model.name_or_path,
+    dropless), with what the build logged and whether it ran the random init."""
+
+    cfg: object
+    model: object
+    attention_lines: list[str]
+    random_init: bool
+
+
+class AttentionLines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        if record.getMessage().startswith("attention:"):
+            self.lines.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def mesh_models(family_dirs):
+    """Each family built once on the fsdp x tensor x expert mesh and shared by the tests that read
+    it: step 0 against transformers, and the sharded hub-layout load."""
+    from clm.model import init
+
+    models = {}
+
+    def get(model_type: str, mesh: str = "fsdp2_tp2_ep2") -> Built:
+        if (model_type, mesh) not in models:
+            directory = family_dirs[model_type]
+            tensor, expert = MESHES[mesh]
+            expert = expert if model_type in MOE_FAMILIES else 1
+            runtime.setup(None, False)
+            cfg = model_config(directory, f"model.name_or_path={directory}", f"tensor_parallelism={tensor}",
+                               f"expert_parallelism={expert}",
+                               *(["model.capacity_factor=0"] if model_type in MOE_FAMILIES else []))
+            handler, logger = AttentionLines(), logging.getLogger("clm")
+            level = logger.level
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+            initialized = init.initialized["parameters"]
+            try:
+                model = build_sharded_model(cfg, parallel.mesh_shape(8, tensor, expert, 1))
+            finally:
+                logger.removeHandler(handler)
+                logger.setLevel(level)
+            models[model_type, mesh] = Built(cfg, model, handler.lines, init.initialized["parameters"] != initialized)
+        return models[model_type, mesh]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def one_device_outputs(family_dirs, tmp_path_factory) -> Path:
+    """Every family built from its hub-layout directory on a single device (one process with
+    CPU_NUM_DEVICES=1 for all eight): each one's tensors and its step-0 logits and loss."""
+    out = tmp_path_factory.mktemp("one_device")
+    env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
+    directories = json.dumps({name: str(path) for name, path in family_dirs.items()})
+    result = subprocess.run([sys.executable, __file__, "one_device", directories, str(out)],
+                            capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
 @pytest.mark.parametrize("mesh", MESHES)
 @pytest.mark.parametrize("model_type", FAMILIES)
-def test_step0_loss_and_logits_equal_transformers(family_dirs, model_type, mesh, caplog):
-    tensor, expert = MESHES[mesh]
-    expert = expert if model_type in MOE_FAMILIES else 1
-    with caplog.at_level("INFO", logger="clm"):
-        _, model = build(family_dirs[model_type], "model.capacity_factor=0" if model_type in MOE_FAMILIES else "seed=0",
-                         tensor=tensor, expert=expert)
+def test_step0_loss_and_logits_equal_transformers(family_dirs, mesh_models, model_type, mesh):
+    built = mesh_models(model_type, mesh)
     # The attention variant is said once per build, not per layer.
-    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("attention:")] == [
-        f"attention: {model.attention.reason}"]
+    assert built.attention_lines == [f"attention: {built.model.attention.reason}"]
     input_ids = tokens(0)
-    logits, loss = clm_forward(model, input_ids)
+    logits, loss = clm_forward(built.model, input_ids)
     expected_logits, expected_loss = reference_forward(family_dirs[model_type], input_ids)
     torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=2e-5)
     assert loss == pytest.approx(expected_loss, rel=1e-5)
 
 
-def test_step0_on_one_device_equals_transformers_for_every_family(family_dirs, tmp_path):
-    """The same on a single device: one process with CPU_NUM_DEVICES=1 for all eight families."""
-    env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
-    directories = json.dumps({name: str(path) for name, path in family_dirs.items()})
-    result = subprocess.run([sys.executable, __file__, "one_device", directories, str(tmp_path)],
-                            capture_output=True, text=True, env=env, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_step0_on_one_device_equals_transformers_for_every_family(family_dirs, one_device_outputs):
+    """The same on a single device."""
     for model_type, directory in family_dirs.items():
-        saved = torch.load(tmp_path / f"{model_type}.pt")
+        saved = torch.load(one_device_outputs / f"{model_type}.pt")
         expected_logits, expected_loss = reference_forward(directory, tokens(0))
         torch.testing.assert_close(saved["logits"], expected_logits, rtol=1e-4, atol=2e-5, msg=model_type)
         assert saved["loss"] == pytest.approx(expected_loss, rel=1e-5), model_type
@@ -492,23 +551,17 @@ def assert_same_state(actual: dict, expected: dict, what: str) -> None:
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
-def test_hub_layout_loads_sharded_and_exports_back(family_dirs, model_type, tmp_path):
+def test_hub_layout_loads_sharded_and_exports_back(family_dirs, mesh_models, model_type, tmp_path):
     """model.name_or_path on an fsdp x tensor x expert mesh holds exactly from_pretrained's tensors
     (no random init); hf-to-checkpoint then checkpoint-to-hf give the family's hub layout again
     (the same tensor names), which from_pretrained loads to the same tensors."""
     from clm.convert import checkpoint_to_hf, hf_to_checkpoint
-    from clm.model import init
 
     directory = family_dirs[model_type]
-    expert = 2 if model_type in MOE_FAMILIES else 1
-    runtime.setup(None, False)
-    cfg = model_config(directory, f"model.name_or_path={directory}", "tensor_parallelism=2",
-                       f"expert_parallelism={expert}")
-    initialized = init.initialized["parameters"]
-    model = build_sharded_model(cfg, parallel.mesh_shape(8, 2, expert, 1))
-    assert init.initialized["parameters"] == initialized, "a pretrained start does no random init"
+    built = mesh_models(model_type)
+    assert not built.random_init, "a pretrained start does no random init"
     expected = hub_state(directory)
-    assert_same_state(device_state(model), expected, f"{model_type} loaded")
+    assert_same_state(device_state(built.model), expected, f"{model_type} loaded")
 
     hf_to_checkpoint(str(directory), str(tmp_path / "ckpt"))
     checkpoint_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "hub"), 100_000)
@@ -519,14 +572,9 @@ def test_hub_layout_loads_sharded_and_exports_back(family_dirs, model_type, tmp_
     assert_same_state(exported, expected, f"{model_type} exported")
 
 
-def test_hub_layout_loads_on_one_device_for_every_family(family_dirs, tmp_path):
-    env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
-    directories = json.dumps({name: str(path) for name, path in family_dirs.items()})
-    result = subprocess.run([sys.executable, __file__, "hub_one_device", directories, str(tmp_path)],
-                            capture_output=True, text=True, env=env, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_hub_layout_loads_on_one_device_for_every_family(family_dirs, one_device_outputs):
     for model_type, directory in family_dirs.items():
-        assert_same_state(torch.load(tmp_path / f"{model_type}.state.pt"), hub_state(directory), model_type)
+        assert_same_state(torch.load(one_device_outputs / f"{model_type}.state.pt"), hub_state(directory), model_type)
 
 
 class Held(__import__("clm.model.weights", fromlist=["Lazy"]).Lazy):
@@ -787,14 +835,11 @@ def test_plan_for_every_preset_with_no_download(preset, capsys):
 if __name__ == "__main__":
     mode, directories, out = sys.argv[1:]
     if mode == "one_device":
-        for model_type, directory in json.loads(directories).items():
-            moe_knob = "model.capacity_factor=0" if model_type in MOE_FAMILIES else "seed=0"
-            _, model = build(Path(directory), moe_knob, devices=1)
-            logits, loss = clm_forward(model, tokens(0))
-            torch.save({"logits": logits, "loss": loss}, Path(out) / f"{model_type}.pt")
-    elif mode == "hub_one_device":
         runtime.setup(None, False)
         for model_type, directory in json.loads(directories).items():
-            cfg = model_config(Path(directory), f"model.name_or_path={directory}", devices=1)
+            moe_knobs = ["model.capacity_factor=0"] if model_type in MOE_FAMILIES else []
+            cfg = model_config(Path(directory), f"model.name_or_path={directory}", *moe_knobs, devices=1)
             model = build_sharded_model(cfg, parallel.mesh_shape(1, 1, 1, 1))
             torch.save(device_state(model), Path(out) / f"{model_type}.state.pt")
+            logits, loss = clm_forward(model, tokens(0))
+            torch.save({"logits": logits, "loss": loss}, Path(out) / f"{model_type}.pt")

@@ -35,10 +35,17 @@ def build(overrides: list[str]):
     return cfg, build_sharded_model(cfg, shape)
 
 
+@pytest.fixture(scope="module")
+def one_device_state(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The default model's init on one device (a process of its own), which every mesh must equal."""
+    path = tmp_path_factory.mktemp("init") / "one.pt"
+    worker("state", str(path), devices=1)
+    return torch.load(path)
+
+
 @pytest.mark.parametrize("mesh", [[], ["tensor_parallelism=2", "expert_parallelism=2"]])
-def test_init_is_the_same_on_one_and_eight_devices(tmp_path, mesh):
-    worker("state", str(tmp_path / "one.pt"), devices=1)
-    one = torch.load(tmp_path / "one.pt")
+def test_init_is_the_same_on_one_and_eight_devices(one_device_state, mesh):
+    one = one_device_state
     _, model = build(mesh)
     eight = {name: p.cpu() for name, p in model.named_parameters()}
     assert one.keys() == eight.keys()

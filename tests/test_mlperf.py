@@ -15,18 +15,15 @@ from omegaconf import OmegaConf
 
 from clm import runtime
 from clm.compliance import check
-from clm.config import load_config
 from clm.train import train
+from runs import GROUP, SHAPES, config
 from wandb_records import offline_run
 
+pytestmark = pytest.mark.xdist_group(GROUP)
+
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = ["per_device_train_batch_size=1", "max_length=128", "n_eval_examples=40"]
 SECRETS = {"HF_TOKEN": "hf_plantedTokenValue123", "WANDB_API_KEY": "0123456789abcdef-planted-wandb-key",
            "MY_SECRET": "planted-my-secret-value"}
-
-
-def config(tmp_path, *overrides):
-    return load_config([f"output_dir={tmp_path}", *QUICK, *overrides], num_devices=runtime.device_count())
 
 
 def mlperf_events(run_dir):
@@ -42,7 +39,7 @@ def test_run_that_reaches_its_target_passes_with_success_and_leaks_no_secret(tmp
     """The real command line, as a user runs it, with secrets in the environment."""
     env = {**os.environ, **SECRETS, "PYTHONPATH": str(ROOT)}
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)
-    command = [sys.executable, "run_clm.py", f"output_dir={tmp_path}", *QUICK, "max_steps=40", "eval_frequency=4",
+    command = [sys.executable, "run_clm.py", f"output_dir={tmp_path}", *SHAPES, "max_steps=40", "eval_frequency=4",
                "target_eval_loss=9.6", "lr=3e-3", "wandb.tags=[ci]"]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     output = done.stdout + done.stderr
@@ -112,15 +109,15 @@ def test_override_with_a_secret_name_fails_in_one_line_without_echoing_the_value
     assert not (tmp_path / "moe_trial").exists()
 
 
-def test_run_that_stops_at_max_steps_is_aborted_after_a_final_eval(tmp_path):
-    cfg = config(tmp_path, "max_steps=6", "eval_frequency=4", "do_first_eval=false", "wandb.mode=disabled")
-    summary = train(cfg)
+def test_run_that_stops_at_max_steps_is_aborted_after_a_final_eval(tiny_run):
+    """The shared run (tests/runs.py): 10 steps, evals every 4 from step 0."""
+    cfg, summary = tiny_run
     evals = [r for r in rows(cfg.run_dir) if "eval/loss" in r]
-    assert [r["step"] for r in evals] == [4, 6], "max_steps is not a multiple of eval_frequency: one more eval"
+    assert [r["step"] for r in evals] == [0, 4, 8, 10], "max_steps is not a multiple of eval_frequency: one more eval"
     assert summary.eval_loss == evals[-1]["eval/loss"]
     events = mlperf_events(cfg.run_dir)
     accuracy = [e for e in events if e["key"] == "eval_accuracy"]
-    assert [e["metadata"]["samples_count"] for e in accuracy] == [4 * 8, 6 * 8]
+    assert [e["metadata"]["samples_count"] for e in accuracy] == [0, 4 * 8, 8 * 8, 10 * 8]
     assert accuracy[-1]["value"] == pytest.approx(summary.eval_loss)
     assert events[-1]["key"] == "run_stop" and events[-1]["metadata"]["status"] == "aborted"
     log = os.path.join(cfg.run_dir, "mlperf_compliance.log")

@@ -14,17 +14,13 @@ from omegaconf import OmegaConf
 
 import clm.model.config
 from clm import runtime
-from clm.config import load_config
 from clm.train import Trainer, train
+from runs import GROUP, config
+
+pytestmark = pytest.mark.xdist_group(GROUP)
 
 TRAIN_KEYS = {"step", "train/loss", "train/lr", "train/grad_norm", "train/num_tokens",
               "perf/step_time_seconds", "perf/tokens_per_sec", "perf/mfu", "moe/drop_fraction"}
-# Small and quick: 8 sequences of 128 tokens per step on the tiny Mixtral.
-QUICK = ["per_device_train_batch_size=1", "max_length=128", "n_eval_examples=40"]
-
-
-def config(tmp_path, *overrides):
-    return load_config([f"output_dir={tmp_path}", *QUICK, *overrides], num_devices=runtime.device_count())
 
 
 def rows(cfg):
@@ -32,30 +28,31 @@ def rows(cfg):
         return [json.loads(line) for line in f]
 
 
-def test_default_job_loss_falls_and_metrics_are_documented(tmp_path):
-    cfg = config(tmp_path, "max_steps=16", "eval_frequency=8", "do_first_eval=true", "xla_profile_step=3")
-    summary = train(cfg)
+def test_default_job_loss_falls_and_metrics_are_documented(tiny_run):
+    """The shared run (tests/runs.py): 10 steps of 8 x 64 tokens, evals at 0, 4, 8 and 10, step 3 profiled."""
+    cfg, summary = tiny_run
+    run_dir = Path(cfg.run_dir)
 
     metrics = rows(cfg)
     evals = [r for r in metrics if "eval/loss" in r]
     trains = [r for r in metrics if "train/loss" in r]
-    assert [r["step"] for r in evals] == [0, 8, 16]
-    assert [r["step"] for r in trains] == list(range(1, 17))
+    assert [r["step"] for r in evals] == [0, 4, 8, 10]
+    assert [r["step"] for r in trains] == list(range(1, 11))
     assert evals[-1]["eval/loss"] < evals[0]["eval/loss"] - 1.0  # starts near ln(32000) = 10.37
     assert trains[-1]["train/loss"] < trains[0]["train/loss"] - 1.0
     assert abs(evals[0]["eval/loss"] - math.log(32000)) < 0.3
     for row in trains:
         assert TRAIN_KEYS <= row.keys()
-        assert row["train/num_tokens"] == 8 * 128
+        assert row["train/num_tokens"] == 8 * 64
         assert 0.0 <= row["moe/drop_fraction"] < 1.0
         assert row["perf/mfu"] is None  # no peak FLOP/s is known for a CPU: no made-up MFU
-    assert summary.steps == 16 and summary.stop_reason == "max_steps"
+    assert summary.steps == 10 and summary.stop_reason == "max_steps"
     assert summary.eval_loss == evals[-1]["eval/loss"]
 
-    assert list((tmp_path / cfg.exp_name / "profile").rglob("*.xplane.pb")), "no profile of step 3"
-    saved = OmegaConf.load(f"{cfg.run_dir}/config.yaml")
+    assert list((run_dir / "profile").rglob("*.xplane.pb")), "no profile of step 3"
+    saved = OmegaConf.load(run_dir / "config.yaml")
     assert saved.global_train_batch_size == 8 and saved.run_dir == cfg.run_dir
-    assert list((tmp_path / cfg.exp_name / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_stops_with_success_at_the_first_eval_at_or_below_target(tmp_path):
