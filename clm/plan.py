@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig
 
-from clm import metrics, tpu
+from clm import tpu
 from clm.cli import run_command
 from clm.errors import UserError
 from clm.model import family
@@ -63,7 +63,7 @@ def activation_bytes(cfg: DictConfig, hf_config, mesh: MeshShape) -> dict[str, f
     tokens = rows per device x S. Per layer, with b bytes per element, tp = tensor size, d_qk and
     d_v the query/key and value head dims (MLA's own for DeepSeek), m the MLP's intermediate
     activations per token in units of its width (gate, up, activated: 3 gated; 2 not), as
-    clm.metrics reads them from the config:
+    clm.model.family reads them from the config:
       saved input     tokens*H*b                                  (all an activation-checkpointed layer keeps)
       attention       tokens*(Hq*d_qk + Hkv*(d_qk + d_v) + Hq*d_v)/tp*b   (q, k, v, output; flash keeps no
                       + rows*Hq/tp*S*S*b without flash attention)          S x S scores)
@@ -84,9 +84,9 @@ def activation_bytes(cfg: DictConfig, hf_config, mesh: MeshShape) -> dict[str, f
     tokens = rows * S
     H, V, L = hf_config.hidden_size, hf_config.vocab_size, hf_config.num_hidden_layers
     Hq, Hkv = family.num_attention_heads(hf_config), family.num_key_value_heads(hf_config)
-    d_qk, d_v = metrics.attention_head_dims(hf_config)
+    d_qk, d_v = family.attention_head_dims(hf_config)
     cf = cfg.model.capacity_factor if cfg.model.capacity_factor > 0 else 1.0
-    intermediates = metrics.mlp_matrices(hf_config)  # gate, up and activated; or up and activated
+    intermediates = family.mlp_matrices(hf_config)  # gate, up and activated; or up and activated
 
     saved_input = tokens * H * b
     attention = tokens * (Hq * d_qk + Hkv * (d_qk + d_v) + Hq * d_v) / tp * b
@@ -94,11 +94,11 @@ def activation_bytes(cfg: DictConfig, hf_config, mesh: MeshShape) -> dict[str, f
         attention += rows * Hq / tp * S * S * b
 
     def mlp(layer: int) -> float:
-        if not metrics.is_moe_layer(hf_config, layer):
-            return tokens * intermediates * metrics.dense_mlp_width(hf_config) / tp * b
+        if not family.is_moe_layer(hf_config, layer):
+            return tokens * intermediates * family.dense_mlp_width(hf_config) / tp * b
         slots = tokens * hf_config.num_experts_per_tok * cf
-        return (slots * (2 * H + intermediates * metrics.expert_width(hf_config) / tp)
-                + tokens * intermediates * metrics.shared_expert_width(hf_config) / tp) * b
+        return (slots * (2 * H + intermediates * family.expert_width(hf_config) / tp)
+                + tokens * intermediates * family.shared_expert_width(hf_config) / tp) * b
 
     layer = attention + max(mlp(i) for i in range(L)) + 4 * tokens * H * b
     logits = tokens * V / tp * (b + 4 + 4)
@@ -196,9 +196,9 @@ def print_plan(cfg: DictConfig, topology: Topology) -> dict[str, float]:
     verdict = "fits" if total <= usable else "does NOT fit"
     print(f"Total {total / GB:.2f} GB of {topology.hbm_gb:g} GB HBM: {verdict} "
           f"({USABLE_FRACTION:.0%} usable; activations are an estimate, see clm/plan.py)")
-    flops = metrics.training_flops_per_token(hf_config, cfg.max_length)
-    reference = metrics.reference_flops_per_token(hf_config, memory.num_params)
-    active = metrics.active_matmul_weights(hf_config)
+    flops = family.training_flops_per_token(hf_config, cfg.max_length)
+    reference = family.reference_flops_per_token(hf_config, memory.num_params)
+    active = family.active_matmul_weights(hf_config)
     print(f"Training FLOPs per token: {flops:.3g} (MaxText's convention: {active / 1e9:.2f}B active weights of "
           f"{memory.num_params / 1e9:.2f}B, attention at S={cfg.max_length}); the reference's 6*N*K/E: {reference:.3g}")
     summary = {"params_b": memory.num_params / 1e9, **{f"{k}_gb": v / GB for k, v in totals.items()},

@@ -708,7 +708,7 @@ ATTENTION_BY_HAND = {
 
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_flops_per_token_against_the_model_and_attention_by_hand(model_type):
-    from clm.metrics import active_matmul_weights, reference_flops_per_token, training_flops_per_token
+    from clm.model.family import active_matmul_weights, reference_flops_per_token, training_flops_per_token
     from clm.model.config import meta_model
     from clm.model.family import num_experts
 
@@ -746,7 +746,7 @@ PRESET_PARAMETERS_B = {"mixtral_8x7b": 46.70, "mixtral_8x22b": 140.62, "qwen3_30
 
 @pytest.mark.parametrize("preset", PRESET_PLANS)
 def test_plan_for_every_preset_with_no_download(preset, capsys):
-    from clm.metrics import training_flops_per_token
+    from clm.model.family import training_flops_per_token
     from clm.model.config import load_model_config
     from clm.plan import main, parse_topology
 

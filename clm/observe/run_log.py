@@ -38,7 +38,8 @@ import torch
 from tqdm import tqdm
 
 from clm import runtime
-from clm.metrics import MetricsWriter, mfu, reference_flops_per_token, training_flops_per_token
+from clm.metrics import MetricsWriter, mfu
+from clm.model.family import reference_flops_per_token, training_flops_per_token
 from clm.observe.mlperf import MLPerfLogger
 from clm.observe.recompiles import RecompileWatch
 from clm.observe.wandb_run import WandbRun
