@@ -63,7 +63,7 @@ class Trainer:
 
         cfg = model_plan.cfg
         runtime.setup(cfg.local_compile_cache_dir, cfg.full_precision, cfg.xla_compile_analysis)
-        self.cfg, self.model_plan, self.resume_from = cfg, model_plan, resume_from
+        self.cfg, self.resume_from = cfg, resume_from
         self.is_main = runtime.is_main_process()
         self.resolved_config = redact(OmegaConf.to_container(cfg, resolve=True))  # no secret reaches a file or W&B
         self.log = RunLog(cfg, self.resolved_config, enabled=self.is_main)  # init starts (MLPerf's clock)
