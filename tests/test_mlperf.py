@@ -35,6 +35,7 @@ def rows(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_run_that_reaches_its_target_passes_with_success_and_leaks_no_secret(tmp_path):
     """The real command line, as a user runs it, with secrets in the environment."""
     env = {**os.environ, **SECRETS, "PYTHONPATH": str(ROOT)}
@@ -109,6 +110,7 @@ def test_override_with_a_secret_name_fails_in_one_line_without_echoing_the_value
     assert not (tmp_path / "moe_trial").exists()
 
 
+@pytest.mark.slow
 def test_run_that_stops_at_max_steps_is_aborted_after_a_final_eval(tiny_run):
     """The shared run (tests/runs.py): 10 steps, evals every 4 from step 0."""
     cfg, summary = tiny_run
@@ -126,6 +128,7 @@ def test_run_that_stops_at_max_steps_is_aborted_after_a_final_eval(tiny_run):
     assert not closed.passed and "v['metadata'].get('status') == 'success'" in closed.output, closed.output
 
 
+@pytest.mark.slow
 def test_run_that_breaks_a_rule_fails_the_checker(tmp_path):
     cfg = config(tmp_path, "max_steps=2", "eval_frequency=2", "do_first_eval=false", "max_grad_norm=0.5",
                  "wandb.mode=disabled")
@@ -158,6 +161,7 @@ class ShorterBatchesAfter:
         return getattr(self.stream, name)
 
 
+@pytest.mark.slow
 def test_a_recompilation_after_warmup_is_one_warning_with_step_and_cause_and_is_counted(tmp_path, caplog):
     from clm.model.plan import ModelPlan
     from clm.parallel import mesh_shape

@@ -55,11 +55,13 @@ def one_device_losses(tmp_path_factory):
     return run_training(tmp_path_factory.mktemp("one_device"), "one_device", 1, [])
 
 
+@pytest.mark.slow
 def test_one_device_losses_equal_the_golden_file(one_device_losses):
     golden = json.loads((REPO / "tests/golden/tiny_fp32_3steps.json").read_text())
     assert one_device_losses == pytest.approx(golden["train/loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", MESHES)
 def test_every_mesh_trains_to_the_one_device_losses(tmp_path, one_device_losses, mesh):
     if mesh in IN_A_PROCESS_OF_ITS_OWN:
@@ -77,6 +79,7 @@ def test_every_mesh_trains_to_the_one_device_losses(tmp_path, one_device_losses,
     assert losses == pytest.approx(one_device_losses, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_keeps_every_gradient_including_the_routers():
     """Same weights, same batch: checkpointed layers must give the same gradients. The routers'
     come only from the load-balancing loss path that reentrant checkpointing would cut."""

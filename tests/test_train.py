@@ -28,6 +28,7 @@ def rows(cfg):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_default_job_loss_falls_and_metrics_are_documented(tiny_run):
     """The shared run (tests/runs.py): 10 steps of 8 x 64 tokens, evals at 0, 4, 8 and 10, step 3 profiled."""
     cfg, summary = tiny_run
@@ -55,6 +56,7 @@ def test_default_job_loss_falls_and_metrics_are_documented(tiny_run):
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_stops_with_success_at_the_first_eval_at_or_below_target(tmp_path):
     cfg = config(tmp_path, "max_steps=40", "eval_frequency=4", "target_eval_loss=9.6", "lr=3e-3")
     summary = train(cfg)
@@ -65,6 +67,7 @@ def test_stops_with_success_at_the_first_eval_at_or_below_target(tmp_path):
     assert summary.steps == evals[-1]["step"]
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     """Two micro-batches of 8 then an optimizer step = one batch of 16 (same blocks, same order).
 
@@ -91,6 +94,7 @@ def count(name):
     return data[0] if data else 0
 
 
+@pytest.mark.slow
 def test_after_warmup_no_recompilation_and_no_host_transfer_outside_log_steps(tmp_path):
     """log_frequency=3: log steps and the others run one and the same train-step graph, and a
     log step's values leave the device in one transfer, inside its asynchronous closure."""
@@ -114,6 +118,7 @@ def test_after_warmup_no_recompilation_and_no_host_transfer_outside_log_steps(tm
     assert [r["step"] for r in rows(cfg)] == [3, 6, 9, 12]
 
 
+@pytest.mark.slow
 def test_a_rows_time_is_when_its_steps_values_reached_the_host(tmp_path):
     """The host queues steps ahead of the device, so a row timed on the host when its step was
     queued would report the enqueue rate. A row is stamped on the closure thread, after its
@@ -150,6 +155,7 @@ def test_a_rows_time_is_when_its_steps_values_reached_the_host(tmp_path):
         assert row["perf/tokens_per_sec"] == pytest.approx(row["train/num_tokens"] / row["perf/step_time_seconds"])
 
 
+@pytest.mark.slow
 def test_checkpoint_manager_path_starts_from_the_saved_weights(tmp_path):
     """The reference's initial-weights checkpoint: CheckpointManager.save(0, {"model": ...})."""
     from clm.checkpoint import checkpoint_manager
