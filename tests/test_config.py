@@ -106,6 +106,7 @@ def run_cli(*overrides, cwd=REPO):
                           capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides, names",
     [

@@ -432,6 +432,7 @@ def test_bundled_sample_runs_through_the_default_config(tokenizer):
     assert eval_set.num_batches >= 1 and eval_set.stats["skipped_lines"] == 0
 
 
+@pytest.mark.slow
 def test_sample_generator_reproduces_the_bundled_files(tmp_path):
     recorded = (SAMPLE_DIR / "README.md").read_text()
     if f"Python {platform.python_version()};" not in recorded:
@@ -448,6 +449,7 @@ def run_check(*overrides: str) -> subprocess.CompletedProcess:
                           env=env, cwd=REPO, timeout=300)
 
 
+@pytest.mark.slow
 def test_check_cli_reports_files_tokens_and_eval_padding():
     result = run_check("max_length=128", "global_eval_batch_size=16")
     assert result.returncode == 0, result.stderr
@@ -456,6 +458,7 @@ def test_check_cli_reports_files_tokens_and_eval_padding():
     assert "eval set:" in out and "padding blocks" in out
 
 
+@pytest.mark.slow
 def test_check_cli_bad_path_is_one_line_and_nonzero():
     result = run_check("dataset.train_dataset_path=/nonexistent/c4")
     assert result.returncode != 0

@@ -252,6 +252,7 @@ def run_module(args: list[str], **env) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("offline", [True, False])
 def test_hub_name_without_network_is_one_line(tmp_path, offline):
     # Offline mode, or a hub endpoint that does not answer (a closed port on loopback): no retries.
@@ -265,6 +266,7 @@ def test_hub_name_without_network_is_one_line(tmp_path, offline):
     assert "save_to_disk(DIR)" in lines[0] and "dataset.dataset_name=DIR dataset.dataset_config_name=null" in lines[0]
 
 
+@pytest.mark.slow
 def test_trainer_checks_the_split_before_compiling(tmp_path, texts):
     source = write_parquet_folder(tmp_path / "corpus", texts[:6], texts[6:8])
     result = run_module(["run_clm.py", f"dataset.dataset_name={source}", "dataset.eval_split=test",
@@ -288,6 +290,7 @@ def test_wikitext_preset_and_new_knobs():
         assert (d.dataset_config_name, d.text_column, d.train_split, d.eval_split) == (None, "text", "train", "validation")
 
 
+@pytest.mark.slow
 def test_check_cli_on_a_parquet_folder_is_quiet(tmp_path, texts):
     source = write_parquet_folder(tmp_path / "corpus", texts[:30], texts[30:36])
     result = run_module(["-m", "clm.data.check", f"dataset.dataset_name={source}", "dataset.streaming=false",

@@ -182,6 +182,7 @@ def one_device_outputs(family_dirs, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", MESHES)
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_step0_loss_and_logits_equal_transformers(family_dirs, mesh_models, model_type, mesh):
@@ -195,6 +196,7 @@ def test_step0_loss_and_logits_equal_transformers(family_dirs, mesh_models, mode
     assert loss == pytest.approx(expected_loss, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_step0_on_one_device_equals_transformers_for_every_family(family_dirs, one_device_outputs):
     """The same on a single device."""
     for model_type, directory in family_dirs.items():
@@ -266,6 +268,7 @@ def block_output(block, hidden):
     return output[0] if isinstance(output, tuple) else output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", MOE_FAMILIES)
 def test_capacity_path_equals_a_per_token_loop(model_type):
     """The whole MoE block (the family's router, shared expert, gate, scaling) with clm's
@@ -354,6 +357,7 @@ def test_attention_is_flash_where_the_kernel_computes_the_family(model_type):
     assert reasons.get(model_type, "clm flash attention") in choice.reason
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type, layer", [("gpt_oss", "GptOssDecoderLayer"), ("gpt2", "GPT2Block")])
 def test_activation_checkpointing_keeps_every_gradient(tmp_path, model_type, layer):
     """transformers' checkpointing hook with torch_xla's checkpoint: the same gradients, the
@@ -402,6 +406,7 @@ def compile_count() -> int:
     return data[0] if data else 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_three_bf16_train_steps(family_dirs, model_type):
     """bf16, capacity factor 1 (real drops), the trainer's calls: the loss is finite and falls,
@@ -444,6 +449,7 @@ def test_three_bf16_train_steps(family_dirs, model_type):
 # ------------------------------------------------------------------ (d) resume bitwise
 
 
+@pytest.mark.slow
 def test_deepseek_resumes_bitwise_with_its_correction_bias(family_dirs, tmp_path):
     """DeepSeek-V3 with aux-loss-free balancing: stopped after step 2 (kill switch) and resumed,
     it ends exactly as the uninterrupted run, correction biases included, and the biases moved."""
@@ -551,6 +557,7 @@ def assert_same_state(actual: dict, expected: dict, what: str) -> None:
         assert torch.equal(tensor, expected[name]), f"{what}: {name}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_hub_layout_loads_sharded_and_exports_back(family_dirs, mesh_models, model_type, tmp_path):
     """model.name_or_path on an fsdp x tensor x expert mesh holds exactly from_pretrained's tensors

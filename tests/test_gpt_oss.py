@@ -87,6 +87,7 @@ def test_init_scales_the_output_projections_as_megatron():
         assert std == pytest.approx(expected, rel=0.05), name
 
 
+@pytest.mark.slow
 def test_step0_equals_transformers_with_the_sliding_window_in_force():
     """clm's build of the family (mesh, sharding table, dropless experts, the attention it picks
     for a window shorter than the sequence) against transformers' own forward of the same weights."""
@@ -194,6 +195,7 @@ def write_indexed(prefix: str, num_docs: int, seed: int) -> int:
     return total
 
 
+@pytest.mark.slow
 def test_tiny_run_on_indexed_data_writes_a_log_the_official_checker_passes_but_for_scale(tmp_path, caplog):
     from clm import runtime
     from clm.compliance import check

@@ -91,6 +91,7 @@ def static_path():
 
 
 # (fsdp, expert, tensor) on 8 devices
+@pytest.mark.slow
 @pytest.mark.parametrize("fsdp,expert,tensor", [(2, 4, 1), (8, 1, 1), (2, 2, 2)])
 def test_region_equals_the_static_path_outputs_and_gradients(static_path, fsdp, expert, tensor):
     model = build(fsdp, expert, tensor)

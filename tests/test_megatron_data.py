@@ -243,6 +243,7 @@ def test_multi_host_split_covers_each_sample_once_in_global_order(data_dir, proc
     assert np.array_equal(np.concatenate(rows), expected)
 
 
+@pytest.mark.slow
 def test_dump_cli_writes_megatrons_samples(data_dir, tmp_path):
     out = tmp_path / "samples.npy"
     done = subprocess.run([sys.executable, "-m", "clm.data.dump", *overrides(data_dir), "--samples", "300",
@@ -303,6 +304,7 @@ def test_bad_input_is_one_line_before_anything_is_written(data_dir, tmp_path, pr
     assert "\n" not in str(error.value) and not output_dir.exists()
 
 
+@pytest.mark.slow
 def test_bad_input_exits_2_with_one_line(data_dir, tmp_path):
     """The command line, once: one `error:` line on stderr, exit status 2, nothing written."""
     knobs, message = BAD_INPUTS["small vocabulary"]
@@ -350,6 +352,7 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_training_on_indexed_data_resumes_bitwise_and_logs_gpt_oss_20b(data_dir, tmp_path):
     from clm.compliance import check
 
@@ -373,6 +376,7 @@ def test_training_on_indexed_data_resumes_bitwise_and_logs_gpt_oss_20b(data_dir,
     assert "Required" not in verdict.output and "Could not find" not in verdict.output, verdict.output
 
 
+@pytest.mark.slow
 def test_gcs_prefixes_read_the_same_samples(data_dir, gcs_server):  # noqa: F811
     for name in ("train.bin", "train.idx", "valid.bin", "valid.idx"):
         upload(f"{gcs_server}/indexed/{name}", (data_dir / name).read_bytes())

@@ -80,6 +80,7 @@ def test_matches_hf_eager_on_cpu(capacity_factor):
     assert routing.metrics()["moe/drop_fraction"].item() == 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("capacity_factor", [NO_DROP_FACTOR, 0.0], ids=["no_drops", "dropless"])
 def test_matches_hf_eager_on_xla(capacity_factor):
     reference, model, _ = hf_and_clm_models(capacity_factor)
@@ -271,6 +272,7 @@ def test_load_balancing_loss_on_xla():
 # --- XLA: static shapes --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_xla_training_steps_do_not_recompile_or_sync():
     """Fresh random tokens (so fresh routing) every step, as the trainer calls the API."""
 
@@ -341,6 +343,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_batch_sharded_moe_stays_local_under_spmd(tmp_path):
     """Sequences sharded over 4 devices, weights replicated: same output, and the compiled step
     moves no tokens between devices (only the weight gradients are all-reduced). A separate

@@ -175,6 +175,7 @@ print(json.dumps({"level": os.environ.get("PT_XLA_DEBUG_LEVEL"), "file": path, "
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("analysis", [True, False])
 def test_compile_analysis_knob_names_causes_when_on_and_is_not_set_up_when_off(tmp_path, analysis):
     env = {k: v for k, v in os.environ.items() if k not in ("PT_XLA_DEBUG_LEVEL", "PT_XLA_DEBUG_FILE")}

@@ -56,6 +56,7 @@ def test_the_test_checkpoint_is_in_the_hubs_layout(hub_dir):
     assert not any("gate_up_proj" in k or ".mlp." in k for k in index)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", MESHES)
 def test_loaded_logits_equal_transformers_from_pretrained(tmp_path, hub_dir, reference_logits, mesh):
     devices, overrides = MESHES[mesh]
@@ -66,6 +67,7 @@ def test_loaded_logits_equal_transformers_from_pretrained(tmp_path, hub_dir, ref
     assert json.loads(result.stdout.strip().splitlines()[-1])["init_parameters"] == 0
 
 
+@pytest.mark.slow
 def test_hf_to_checkpoint_then_checkpoint_manager_path_gives_the_same_logits(tmp_path, hub_dir, reference_logits):
     env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "8", "PYTHONPATH": str(REPO)}
     converted = subprocess.run([sys.executable, "-m", "clm.convert", "hf-to-checkpoint", str(hub_dir), str(tmp_path / "ckpt")],
@@ -77,6 +79,7 @@ def test_hf_to_checkpoint_then_checkpoint_manager_path_gives_the_same_logits(tmp
     torch.testing.assert_close(torch.load(out), reference_logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_checkpoint_to_hf_after_training_steps_round_trips(tmp_path, hub_dir):
     from transformers import MixtralForCausalLM
 
@@ -116,6 +119,7 @@ def memory_of(mode: str, *args: str, **env: str) -> tuple[dict, int, int]:
     return stats, model_bytes, largest
 
 
+@pytest.mark.slow
 def test_load_host_memory_is_bounded_by_the_largest_tensor(wide_hub):
     stats, model_bytes, largest = memory_of("load_memory", f"model.name_or_path={wide_hub}", "model.dtype=float32")
     # Measured about 3x with 4 reader threads, where a whole-model host copy would be over 8x.
@@ -124,6 +128,7 @@ def test_load_host_memory_is_bounded_by_the_largest_tensor(wide_hub):
     assert transient < 5 * largest, f"{transient / 1e6:.0f} MB beyond the model, largest tensor {largest / 1e6:.0f} MB"
 
 
+@pytest.mark.slow
 def test_convert_on_8_devices_holds_about_one_tensor_beyond_the_model(wide_hub, tmp_path):
     """hf-to-checkpoint on 8 devices (load, then the sharded save): at no point does the host hold
     more beyond the model's own (device) bytes than a few copies of its largest tensor (a tensor's
@@ -224,6 +229,7 @@ def test_config_path_and_name_or_path_must_agree(hub_dir):
                                       num_devices=8), MeshShape(1, 8, 1, 1))
 
 
+@pytest.mark.slow
 def test_bad_weights_exit_2_with_one_line_before_anything_is_written(tmp_path, hub_dir):
     hub = _copy(hub_dir, tmp_path)
     (hub / "model-00003-of-00003.safetensors").unlink()
@@ -237,6 +243,7 @@ def test_bad_weights_exit_2_with_one_line_before_anything_is_written(tmp_path, h
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout, cut", [("one file", "data"), ("sharded", "header")])
 def test_a_safetensors_file_cut_short_is_one_line_saying_to_download_it_again(tmp_path, layout, cut):
     """A broken download: written by transformers' save_pretrained, then the data cut off behind
