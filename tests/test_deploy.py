@@ -1,7 +1,7 @@
 """Deployment: the Helm chart (rendered offline by helm-python-sdk, validated against JobSet's
 published schema and Kubernetes' own), the xpk launcher (xpk's own dry run, golden file), the
-per-host wrapper (real processes, signals and a loopback Kubernetes API), and the exit codes
-they share with clm.errors."""
+per-host wrapper (real processes, signals, real torchrun and a loopback Kubernetes API), and
+the exit codes they share with clm.errors."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +28,7 @@ import pytest
 import yaml
 
 from clm import tpu
-from clm.errors import EXIT_PREEMPTED, EXIT_USER_ERROR
+from clm.errors import EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR
 from clm.launch import job
 
 helm_python = pytest.importorskip("helm_python", reason="install the test extras: pip install -e '.[test]'")
@@ -347,6 +349,99 @@ def test_errors_left_by_an_earlier_attempt_are_ignored(tmp_path):
     assert host.returncode == 0 and "previous attempt" not in err
 
 
+# ------------------------------------------------------------------ the wrapper around torchrun (GPU nodes)
+
+# A stand-in for run_clm.py under torchrun: it runs through clm.cli.run_command as run_clm.py
+# does, and exits with the code its arguments give its rank (RANK=CODE), or, like the trainer
+# on SIGTERM, saves for a second and exits 75.
+TORCHRUN_WORKER = """
+import os, signal, sys, time
+from clm.cli import run_command
+from clm.errors import EXIT_PREEMPTED
+
+def main():
+    rank = os.environ["RANK"]
+    print(f"worker rank={rank} world={os.environ['WORLD_SIZE']} node={os.environ['GROUP_RANK']}", flush=True)
+    codes = dict(arg.split("=", 1) for arg in sys.argv[1:])
+    if rank in codes:
+        return int(codes[rank])
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    print("ready", flush=True)
+    while not stop:
+        time.sleep(0.1)
+    time.sleep(1)
+    return EXIT_PREEMPTED
+
+sys.exit(run_command(main))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_gpu_node(tmp_path: Path, node: int, run: job.GpuJob, port: int) -> subprocess.Popen:
+    """One GPU pod's command on this machine: GpuJob's argv with this interpreter, torchrun as
+    `python -m torch.distributed.run` and the stand-in for run_clm.py; node rank and rendezvous
+    host as the JobSet gives them, in torchrun's PET_ variables."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(TORCHRUN_WORKER)
+    replace = {"python": [sys.executable], "torchrun": [sys.executable, "-m", "torch.distributed.run"],
+               "run_clm.py": [str(worker)]}
+    argv = [part for arg in run.argv() for part in replace.get(arg, [arg])]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), job.NODE_RANK_ENV: str(node), job.MASTER_ADDR_ENV: "127.0.0.1",
+           "PET_MASTER_PORT": str(port)}
+    return subprocess.Popen(argv, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def test_torchrun_nodes_rendezvous_from_the_pod_environment(tmp_path):
+    """Two nodes of two GPUs: four workers, ranks 0-3, node ranks from PET_NODE_RANK."""
+    run = job.GpuJob(overrides=["0=0", "1=0", "2=0", "3=0"], num_nodes=2, gpus_per_node=2)
+    port = free_port()
+    nodes = [start_gpu_node(tmp_path, node, run, port) for node in (1, 0)]
+    outs = [node.communicate(timeout=180) for node in nodes]
+    assert [node.returncode for node in nodes] == [EXIT_OK, EXIT_OK], outs
+    # (a node's workers share its stdout, and unbuffered prints of two workers can interleave)
+    seen = sorted(re.findall(r"worker rank=\d+ world=\d+ node=\d+", "".join(out for out, _ in outs)))
+    assert seen == [f"worker rank={r} world=4 node={r // 2}" for r in range(4)]
+
+
+def test_a_workers_config_error_is_the_nodes_exit_code_not_torchruns_1(tmp_path):
+    """Rank 1 exits 2; torchrun stops rank 0 (which then exits 75) and exits 1 itself: the node
+    exits 2, and a preemption never hides a failure."""
+    node = start_gpu_node(tmp_path, 0, job.GpuJob(overrides=["1=2"], num_nodes=1, gpus_per_node=2), free_port())
+    _, err = node.communicate(timeout=180)
+    assert node.returncode == EXIT_USER_ERROR, err
+    assert "ChildFailedError" in err  # torchrun's own report, passed through
+
+
+def test_a_preempted_node_exits_75_through_torchrun(tmp_path):
+    """SIGTERM to the pod's wrapper reaches the workers through torchrun; they save and exit 75,
+    torchrun exits 1, the node exits 75: JobSet restarts the job."""
+    node = start_gpu_node(tmp_path, 0, job.GpuJob(overrides=[], num_nodes=1, gpus_per_node=2), free_port())
+    ready = 0
+    while ready < 2:
+        line = node.stdout.readline()
+        assert line, node.stderr.read()
+        ready += line.count("ready")  # the two workers' lines may interleave
+    node.send_signal(signal.SIGTERM)
+    _, err = node.communicate(timeout=120)
+    assert node.returncode == EXIT_PREEMPTED, err
+
+
+def test_job_exit_code_prefers_a_failure_then_a_preemption_then_the_commands_own():
+    from clm.launch.host import job_exit_code
+
+    assert job_exit_code(EXIT_OK, [1]) == EXIT_OK
+    assert job_exit_code(1, [EXIT_PREEMPTED, EXIT_USER_ERROR, EXIT_PREEMPTED]) == EXIT_USER_ERROR
+    assert job_exit_code(1, [EXIT_PREEMPTED, EXIT_OK]) == EXIT_PREEMPTED
+    assert job_exit_code(137, []) == 137  # a worker killed by a signal leaves no code
+
+
 class FakeKubernetesApi(BaseHTTPRequestHandler):
     """The Secrets endpoint of the Kubernetes API (GET /api/v1/namespaces/NS/secrets/NAME)."""
 
@@ -427,3 +522,4 @@ def test_host_index_follows_slices_then_workers():
     assert host_index(gke) == (7, 8)
     assert host_index({"TPU_WORKER_ID": "2"}) == (2, None)  # a TPU VM container: count unknown
     assert host_index({}) == (0, None)
+    assert host_index({job.NODE_RANK_ENV: "3"}) == (3, None)  # a GPU node: torchrun's node rank
