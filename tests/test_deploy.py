@@ -1,10 +1,12 @@
 """Deployment: the Helm chart (rendered offline by helm-python-sdk, validated against JobSet's
-published schema and Kubernetes' own), the xpk launcher (xpk's own dry run, golden file), the
-per-host wrapper (real processes, signals, real torchrun and a loopback Kubernetes API), and
-the exit codes they share with clm.errors."""
+published schema and Kubernetes' own) in its TPU and GPU modes, the gke-gpu launcher (the same
+GPU JobSet), the xpk launcher (xpk's own dry run, golden file), the per-host wrapper (real
+processes, signals, real torchrun and a loopback Kubernetes API), and the exit codes they share
+with clm.errors."""
 
 from __future__ import annotations
 
+import argparse
 import base64
 import copy
 import fcntl
@@ -27,9 +29,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from clm import tpu
+from clm import gpu, tpu
 from clm.errors import EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR
-from clm.launch import job
+from clm.launch import gke, job
 
 helm_python = pytest.importorskip("helm_python", reason="install the test extras: pip install -e '.[test]'")
 
@@ -175,6 +177,132 @@ def test_launched_overrides_compose_into_a_valid_config():
     cfg = load_config(run.hydra_overrides(), num_devices=lambda: 256)
     assert cfg.num_slices == 2 and cfg.local_compile_cache_dir == "/gcs/compile_cache"
     assert cfg.model.config_path.endswith("mixtral822.json")
+
+
+# ------------------------------------------------------------------ the Helm chart's GPU mode and gke-gpu
+
+GPU_VALUES = {**REPRESENTATIVE_VALUES, "image": "us-docker.pkg.dev/proj/repo/clm:gpu", "accelerator": "gpu",
+              "gpu": {"type": "h200-141gb", "nodes": 2, "gpusPerNode": 8}}
+# python -m clm.launch gke-gpu's arguments for the run GPU_VALUES describe (the chart appends the
+# release name to the error directory, the launcher takes it as given)
+GKE_GPU_ARGS = ["--gpu-type", "h200-141gb", "--nodes", "2", "--docker-image", GPU_VALUES["image"],
+                "--name", "clm-run", "--gcs-bucket", "bucket", "--service-account", "clm-runner",
+                "--compile-cache-dir", "/gcs/compile_cache", "--error-dir", "/gcs/host_errors/clm-run",
+                "--", "output_dir=/gcs/outputs", *REPRESENTATIVE_VALUES["overrides"]]
+
+
+def gke_gpu_jobset(args: list[str]) -> dict:
+    parser = argparse.ArgumentParser()
+    gke.add_arguments(parser)
+    return gke.jobset(parser.parse_args(args))
+
+
+def test_chart_gpu_mode_lints_clean_and_renders_one_valid_jobset():
+    report = helm_python.lint(str(CHART), GPU_VALUES, strict=True)
+    assert report["errors"] == [] and all(m["severity"] < 2 for m in report["messages"]), report
+    for values in (GPU_VALUES, {"accelerator": "gpu"}):
+        manifests = render(values)
+        assert [m["kind"] for m in manifests] == ["JobSet"]
+        validate(manifests[0])
+
+
+def test_chart_renders_the_jobset_of_gke_gpu():
+    """One GPU JobSet: the chart's and `python -m clm.launch gke-gpu`'s are the same object."""
+    chart = the_jobset(render(GPU_VALUES))
+    assert chart["metadata"]["labels"].pop("helm.sh/chart") == "clm-0.1.0"
+    launcher = gke_gpu_jobset(GKE_GPU_ARGS)
+    validate(launcher)
+    assert launcher == chart
+
+
+def test_gpu_jobset_runs_torchrun_on_every_node_with_the_coordinator_as_rendezvous():
+    jobset = gke_gpu_jobset(GKE_GPU_ARGS)
+    (replicated,) = jobset["spec"]["replicatedJobs"]
+    spec = replicated["template"]["spec"]
+    assert replicated["replicas"] == 1 and spec["parallelism"] == spec["completions"] == 2
+    assert spec["completionMode"] == "Indexed"
+    # pod 0 of the replicated job is the coordinator, which JobSet names <jobset>-node-0-0.<jobset>
+    assert jobset["spec"]["coordinator"] == {"replicatedJob": replicated["name"], "jobIndex": 0, "podIndex": 0}
+    pod = spec["template"]["spec"]
+    assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-h200-141gb"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    container = container_of(jobset)
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": 8}
+    expected = job.GpuJob(overrides=["output_dir=/gcs/outputs", *REPRESENTATIVE_VALUES["overrides"]],
+                          num_nodes=2, gpus_per_node=8, compile_cache_dir="/gcs/compile_cache",
+                          host_error_dir="/gcs/host_errors/clm-run")
+    assert container["command"] == expected.argv()
+    assert container["command"][container["command"].index("--"):][:7] == [
+        "--", "torchrun", "--nnodes", "2", "--nproc-per-node", "8", "run_clm.py"]
+    assert "backend=dtensor" in container["command"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env[job.NODE_RANK_ENV]["valueFrom"]["fieldRef"]["fieldPath"] == \
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    assert env[job.MASTER_ADDR_ENV]["valueFrom"]["fieldRef"]["fieldPath"] == \
+        "metadata.annotations['jobset.sigs.k8s.io/coordinator']"
+    assert env[job.SHUTDOWN_TIMEOUT_ENV]["value"] == str(pod["terminationGracePeriodSeconds"])
+    for name, key in job.SECRET_KEYS.items():
+        assert env[name] == {"name": name, "valueFrom": {"secretKeyRef": {
+            "name": job.DEFAULT_SECRET_NAME, "key": key, "optional": True}}}
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+
+
+def test_gpu_jobset_failure_policy_is_the_tpu_ones():
+    tpu_jobset, gpu_jobset = the_jobset(render(REPRESENTATIVE_VALUES)), the_jobset(render(GPU_VALUES))
+    assert gpu_jobset["spec"]["failurePolicy"] == tpu_jobset["spec"]["failurePolicy"]
+    policy = [replicated["template"]["spec"]["podFailurePolicy"]
+              for replicated in (tpu_jobset["spec"]["replicatedJobs"][0], gpu_jobset["spec"]["replicatedJobs"][0])]
+    assert policy[0] == policy[1]
+    assert container_of(gpu_jobset)["name"] == policy[1]["rules"][1]["onExitCodes"]["containerName"]
+
+
+def test_chart_gpu_values_are_clm_gpus_table():
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert defaults["gpuAcceleratorLabels"] == {name: a.gke_accelerator for name, a in gpu.ACCELERATORS.items()}
+    schema = json.loads((CHART / "values.schema.json").read_text())["properties"]["gpu"]["properties"]
+    assert schema["type"]["enum"] == list(gpu.ACCELERATORS)
+    assert schema["gpusPerNode"]["maximum"] == max(a.gpus_per_node for a in gpu.ACCELERATORS.values())
+    assert defaults["gpu"]["gpusPerNode"] == gpu.accelerator(defaults["gpu"]["type"]).gpus_per_node
+
+
+@pytest.mark.parametrize("gpu_values", [{"type": "h900"}, {"nodes": 0}, {"gpusPerNode": 16}],
+                         ids=["type", "nodes", "gpusPerNode"])
+def test_chart_refuses_bad_gpu_values(gpu_values):
+    key = next(iter(gpu_values))
+    with pytest.raises(helm_python.HelmError, match=key):
+        render({"accelerator": "gpu", "gpu": {**GPU_VALUES["gpu"], **gpu_values}})
+
+
+def run_gke_gpu(args: list[str], **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "clm.launch", "gke-gpu", *args], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env}, timeout=120)
+
+
+def test_gke_gpu_dry_run_prints_the_manifest_without_secrets():
+    result = run_gke_gpu([*GKE_GPU_ARGS[:GKE_GPU_ARGS.index("--")], "--dry-run",
+                          *GKE_GPU_ARGS[GKE_GPU_ARGS.index("--"):]], **PLANTED)
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout) == gke_gpu_jobset(GKE_GPU_ARGS)
+    assert not any(value in result.stdout + result.stderr for value in PLANTED.values())
+    assert "&id" not in result.stdout  # plain YAML, no anchors
+
+
+@pytest.mark.parametrize("bad, flag", [
+    (["--gpu-type", "h900"], "--gpu-type 'h900'"),
+    (["--nodes", "0"], "--nodes 0"),
+    (["--gpus-per-node", "16"], "--gpus-per-node 16"),
+], ids=["gpu-type", "nodes", "gpus-per-node"])
+def test_gke_gpu_bad_input_is_one_line(bad, flag):
+    # argparse keeps the last --gpu-type given
+    result = run_gke_gpu(["--gpu-type", "h100-80gb", "--docker-image", "img", "--dry-run", *bad])
+    assert result.returncode == EXIT_USER_ERROR
+    assert result.stderr.count("\n") == 1 and flag in result.stderr and "Traceback" not in result.stderr
+
+
+def test_gke_gpu_without_kubectl_is_one_line():
+    result = run_gke_gpu(["--gpu-type", "h100-80gb", "--docker-image", "img"], CLM_KUBECTL="/nonexistent/kubectl")
+    assert result.returncode == EXIT_USER_ERROR
+    assert result.stderr.count("\n") == 1 and "kubectl not found" in result.stderr
 
 
 # ------------------------------------------------------------------ the xpk launcher
