@@ -1,8 +1,8 @@
 """Deployment: the Helm chart (rendered offline by helm-python-sdk, validated against JobSet's
 published schema and Kubernetes' own) in its TPU and GPU modes, the gke-gpu launcher (the same
-GPU JobSet), the xpk launcher (xpk's own dry run, golden file), the per-host wrapper (real
-processes, signals, real torchrun and a loopback Kubernetes API), and the exit codes they share
-with clm.errors."""
+GPU JobSet), the xpk launcher (xpk's own dry run, golden files, TPU and GPU), the per-host
+wrapper (real processes, signals, real torchrun and a loopback Kubernetes API), and the exit
+codes they share with clm.errors."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ import yaml
 from clm import gpu, tpu
 from clm.errors import EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR
 from clm.launch import gke, job
+from clm.launch import xpk as xpk_launcher
 
 helm_python = pytest.importorskip("helm_python", reason="install the test extras: pip install -e '.[test]'")
 
@@ -39,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm"
 JOBSET_SCHEMA = json.loads((ROOT / "tests" / "schemas" / "jobset-v1alpha2.json").read_text())
 XPK_GOLDEN = ROOT / "tests" / "golden" / "xpk_dry_run.txt"
+XPK_GPU_GOLDEN = ROOT / "tests" / "golden" / "xpk_gpu_dry_run.txt"
 XPK_VERSION = "1.16.0"  # the golden file is xpk's output: a new xpk needs a new golden file
 KUBERNETES_VERSION = "1.33"
 PLANTED = {"HF_TOKEN": "hf_PLANTEDxTOKENxNEVERxSHOWN", "WANDB_API_KEY": "PLANTED0wandb0key0never0shown"}
@@ -408,6 +410,93 @@ def test_xpk_launcher_bad_tpu_type_is_one_line(xpk_bin):
     result = run_launcher(args, xpk_bin)
     assert result.returncode == EXIT_USER_ERROR
     assert result.stderr.count("\n") == 1 and "--tpu-type 'v9z-8'" in result.stderr
+
+
+XPK_GPU_ARGS = ["xpk", "--cluster", "gpu-cluster", "--device-type", "h100-80gb-8", "--num-nodes", "2",
+                "--docker-image", "us-docker.pkg.dev/proj/repo/clm:gpu", "--workload", "clm-gpu-golden",
+                "--project", "proj", "--zone", "us-central1-a", "--storage", "clm-bucket",
+                "--error-dir", "/gcs/host_errors/clm-gpu-golden",
+                "--dry-run", "--", "max_steps=1000", "output_dir=/gcs/outputs"]
+
+
+@pytest.fixture(scope="session")
+def xpk_gpu_dry_run(xpk_bin) -> subprocess.CompletedProcess:
+    result = run_launcher(XPK_GPU_ARGS, xpk_bin, **PLANTED)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_xpk_gpu_dry_run_matches_golden_file(xpk_gpu_dry_run):
+    if os.environ.get("CLM_UPDATE_GOLDEN"):
+        XPK_GPU_GOLDEN.write_text(xpk_gpu_dry_run.stdout)
+    assert xpk_gpu_dry_run.stdout == XPK_GPU_GOLDEN.read_text()
+
+
+def test_xpk_gpu_workload_runs_torchrun_with_xpks_node_rank_and_coordinator(xpk_gpu_dry_run):
+    out = xpk_gpu_dry_run.stdout + xpk_gpu_dry_run.stderr
+    assert not any(value in out for value in PLANTED.values())
+    command, manifest = out.split("# JobSet manifest\n")
+    assert "--device-type h100-80gb-8 --num-nodes 2" in command and "--num-slices" not in command
+    # (xpk's manifest is xpk's: not checked against the schemas, which its rules' missing names fail)
+    jobset = yaml.safe_load(manifest)
+    (replicated,) = jobset["spec"]["replicatedJobs"]
+    assert replicated["template"]["spec"]["parallelism"] == 2
+    container = container_of(jobset)
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": 8}
+    run = job.GpuJob(overrides=["max_steps=1000", "output_dir=/gcs/outputs"], num_nodes=2, gpus_per_node=8,
+                     host_error_dir="/gcs/host_errors/clm-gpu-golden")
+    assert f"({run.command()})" in container["command"][-1]  # inside xpk's bash wrapper
+    # Kubernetes expands $(NAME) only from variables listed before: xpk's come first.
+    names = [e["name"] for e in container["env"]]
+    env = {e["name"]: e for e in container["env"]}
+    for name, value in xpk_launcher.XPK_GPU_ENV.items():
+        referenced = re.fullmatch(r"\$\((\w+)\)", value).group(1)
+        assert env[name]["value"] == value and names.index(referenced) < names.index(name)
+    assert env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == \
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    assert env["JAX_COORDINATOR_ADDRESS"]["value"] == "$(JOBSET_NAME)-$(REPLICATED_JOB_NAME)-0-0.$(JOBSET_NAME)"
+    assert env[job.SHUTDOWN_TIMEOUT_ENV]["value"] == "300"
+    assert env["CLM_SECRET_REFS"]["value"] == "HF_TOKEN=clm-secrets/hf-token,WANDB_API_KEY=clm-secrets/wandb-api-key"
+    (rule,) = replicated["template"]["spec"]["podFailurePolicy"]["rules"]
+    assert rule["onExitCodes"]["containerName"] == container["name"] and rule["onExitCodes"]["operator"] == "NotIn"
+    assert EXIT_PREEMPTED in rule["onExitCodes"]["values"] and EXIT_USER_ERROR not in rule["onExitCodes"]["values"]
+
+
+def test_clm_gpu_table_is_xpks(xpk_bin):
+    """Every GPU type xpk knows has clm.gpu's GKE label and GPUs per node (xpk's own table, read
+    with xpk's interpreter; a100-80gb is clm's only row xpk lacks)."""
+    python = Path(xpk_bin).read_text().splitlines()[0].removeprefix("#!")
+    read = ("import json; from xpk.core.system_characteristics import UserFacingNameToSystemCharacteristics as t; "
+            "print(json.dumps({k: [s.gke_accelerator, s.chips_per_vm, s.gce_machine_type] for k, s in t.items() "
+            "if s.accelerator_type.name == 'GPU'}))")
+    xpk_gpus = json.loads(subprocess.run([python, "-c", read], capture_output=True, text=True, check=True).stdout)
+    compared = 0
+    for device_type, (label, gpus_per_node, machine_type) in xpk_gpus.items():
+        parsed = gpu.parse_device_type(device_type)
+        if parsed is None or parsed[1] != parsed[0].gpus_per_node:
+            continue
+        accelerator, gpus = parsed
+        assert (accelerator.gke_accelerator, accelerator.gpus_per_node, accelerator.machine_type) == \
+            (label, gpus_per_node, machine_type), device_type
+        compared += 1
+    assert compared == len(gpu.ACCELERATORS) - 1, sorted(xpk_gpus)
+
+
+@pytest.mark.parametrize("change, message", [
+    (("--device-type", "h900-8"), "--device-type 'h900-8'"),
+    (("--num-nodes", "0"), "--num-nodes 0"),
+    (("--num-slices", "2"), "--num-slices 2: TPU slices"),
+], ids=["device-type", "num-nodes", "num-slices"])
+def test_xpk_gpu_bad_input_is_one_line(change, message, xpk_bin):
+    flag, value = change
+    args = list(XPK_GPU_ARGS)
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args[1:1] = [flag, value]
+    result = run_launcher(args, xpk_bin)
+    assert result.returncode == EXIT_USER_ERROR
+    assert result.stderr.count("\n") == 1 and message in result.stderr
 
 
 def test_chart_libtpu_flags_and_accelerator_labels_are_the_launchers():
