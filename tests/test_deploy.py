@@ -410,6 +410,9 @@ def test_xpk_launcher_bad_tpu_type_is_one_line(xpk_bin):
     result = run_launcher(args, xpk_bin)
     assert result.returncode == EXIT_USER_ERROR
     assert result.stderr.count("\n") == 1 and "--tpu-type 'v9z-8'" in result.stderr
+    result = run_launcher([XPK_ARGS[0], "--num-nodes", "2", *XPK_ARGS[1:]], xpk_bin)
+    assert result.returncode == EXIT_USER_ERROR
+    assert result.stderr.count("\n") == 1 and "--num-nodes 2: GPU nodes" in result.stderr
 
 
 XPK_GPU_ARGS = ["xpk", "--cluster", "gpu-cluster", "--device-type", "h100-80gb-8", "--num-nodes", "2",
