@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Build clm's image and push it to a registry.
 #
-#   IMAGE=us-docker.pkg.dev/PROJECT/REPO/clm:tpu docker/build_and_push_image.sh        # TPU (default)
+#   IMAGE=us-docker.pkg.dev/PROJECT/REPO/clm:tpu docker/build_and_push_image.sh        # TPU, torch_xla (default)
 #   IMAGE=us-docker.pkg.dev/PROJECT/REPO/clm:cpu docker/build_and_push_image.sh cpu
+#   IMAGE=us-docker.pkg.dev/PROJECT/REPO/clm:gpu docker/build_and_push_image.sh gpu    # CUDA, DTensor
+#   IMAGE=us-docker.pkg.dev/PROJECT/REPO/clm:torchtpu docker/build_and_push_image.sh torchtpu
 #
 # IMAGE defaults to gcr.io/<gcloud's current project>/clm:<target>. DRY_RUN=1 prints the
 # docker commands instead of running them.
@@ -12,7 +14,7 @@ TARGET="${1:-tpu}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DOCKERFILE="${ROOT}/docker/${TARGET}/Dockerfile"
 if [[ ! -f "${DOCKERFILE}" ]]; then
-  echo "error: unknown target '${TARGET}': use tpu or cpu (docker/<target>/Dockerfile)" >&2
+  echo "error: unknown target '${TARGET}': use tpu, cpu, gpu or torchtpu (docker/<target>/Dockerfile)" >&2
   exit 2
 fi
 if [[ -z "${IMAGE:-}" ]]; then

@@ -1,10 +1,12 @@
 """Deployment: the Helm chart (rendered offline by helm-python-sdk, validated against JobSet's
-published schema and Kubernetes' own), the xpk launcher (xpk's own dry run, golden file), the
-per-host wrapper (real processes, signals and a loopback Kubernetes API), and the exit codes
-they share with clm.errors."""
+published schema and Kubernetes' own) in its TPU and GPU modes, the gke-gpu launcher (the same
+GPU JobSet), the xpk launcher (xpk's own dry run, golden files, TPU and GPU), the per-host
+wrapper (real processes, signals, real torchrun and a loopback Kubernetes API), and the exit
+codes they share with clm.errors."""
 
 from __future__ import annotations
 
+import argparse
 import base64
 import copy
 import fcntl
@@ -12,6 +14,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -25,9 +29,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from clm import tpu
-from clm.errors import EXIT_PREEMPTED, EXIT_USER_ERROR
-from clm.launch import job
+from clm import gpu, tpu
+from clm.errors import EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR
+from clm.launch import gke, job
+from clm.launch import xpk as xpk_launcher
 
 helm_python = pytest.importorskip("helm_python", reason="install the test extras: pip install -e '.[test]'")
 
@@ -35,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm"
 JOBSET_SCHEMA = json.loads((ROOT / "tests" / "schemas" / "jobset-v1alpha2.json").read_text())
 XPK_GOLDEN = ROOT / "tests" / "golden" / "xpk_dry_run.txt"
+XPK_GPU_GOLDEN = ROOT / "tests" / "golden" / "xpk_gpu_dry_run.txt"
 XPK_VERSION = "1.16.0"  # the golden file is xpk's output: a new xpk needs a new golden file
 KUBERNETES_VERSION = "1.33"
 PLANTED = {"HF_TOKEN": "hf_PLANTEDxTOKENxNEVERxSHOWN", "WANDB_API_KEY": "PLANTED0wandb0key0never0shown"}
@@ -175,6 +181,132 @@ def test_launched_overrides_compose_into_a_valid_config():
     assert cfg.model.config_path.endswith("mixtral822.json")
 
 
+# ------------------------------------------------------------------ the Helm chart's GPU mode and gke-gpu
+
+GPU_VALUES = {**REPRESENTATIVE_VALUES, "image": "us-docker.pkg.dev/proj/repo/clm:gpu", "accelerator": "gpu",
+              "gpu": {"type": "h200-141gb", "nodes": 2, "gpusPerNode": 8}}
+# python -m clm.launch gke-gpu's arguments for the run GPU_VALUES describe (the chart appends the
+# release name to the error directory, the launcher takes it as given)
+GKE_GPU_ARGS = ["--gpu-type", "h200-141gb", "--nodes", "2", "--docker-image", GPU_VALUES["image"],
+                "--name", "clm-run", "--gcs-bucket", "bucket", "--service-account", "clm-runner",
+                "--compile-cache-dir", "/gcs/compile_cache", "--error-dir", "/gcs/host_errors/clm-run",
+                "--", "output_dir=/gcs/outputs", *REPRESENTATIVE_VALUES["overrides"]]
+
+
+def gke_gpu_jobset(args: list[str]) -> dict:
+    parser = argparse.ArgumentParser()
+    gke.add_arguments(parser)
+    return gke.jobset(parser.parse_args(args))
+
+
+def test_chart_gpu_mode_lints_clean_and_renders_one_valid_jobset():
+    report = helm_python.lint(str(CHART), GPU_VALUES, strict=True)
+    assert report["errors"] == [] and all(m["severity"] < 2 for m in report["messages"]), report
+    for values in (GPU_VALUES, {"accelerator": "gpu"}):
+        manifests = render(values)
+        assert [m["kind"] for m in manifests] == ["JobSet"]
+        validate(manifests[0])
+
+
+def test_chart_renders_the_jobset_of_gke_gpu():
+    """One GPU JobSet: the chart's and `python -m clm.launch gke-gpu`'s are the same object."""
+    chart = the_jobset(render(GPU_VALUES))
+    assert chart["metadata"]["labels"].pop("helm.sh/chart") == "clm-0.1.0"
+    launcher = gke_gpu_jobset(GKE_GPU_ARGS)
+    validate(launcher)
+    assert launcher == chart
+
+
+def test_gpu_jobset_runs_torchrun_on_every_node_with_the_coordinator_as_rendezvous():
+    jobset = gke_gpu_jobset(GKE_GPU_ARGS)
+    (replicated,) = jobset["spec"]["replicatedJobs"]
+    spec = replicated["template"]["spec"]
+    assert replicated["replicas"] == 1 and spec["parallelism"] == spec["completions"] == 2
+    assert spec["completionMode"] == "Indexed"
+    # pod 0 of the replicated job is the coordinator, which JobSet names <jobset>-node-0-0.<jobset>
+    assert jobset["spec"]["coordinator"] == {"replicatedJob": replicated["name"], "jobIndex": 0, "podIndex": 0}
+    pod = spec["template"]["spec"]
+    assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-h200-141gb"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    container = container_of(jobset)
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": 8}
+    expected = job.GpuJob(overrides=["output_dir=/gcs/outputs", *REPRESENTATIVE_VALUES["overrides"]],
+                          num_nodes=2, gpus_per_node=8, compile_cache_dir="/gcs/compile_cache",
+                          host_error_dir="/gcs/host_errors/clm-run")
+    assert container["command"] == expected.argv()
+    assert container["command"][container["command"].index("--"):][:7] == [
+        "--", "torchrun", "--nnodes", "2", "--nproc-per-node", "8", "run_clm.py"]
+    assert "backend=dtensor" in container["command"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env[job.NODE_RANK_ENV]["valueFrom"]["fieldRef"]["fieldPath"] == \
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    assert env[job.MASTER_ADDR_ENV]["valueFrom"]["fieldRef"]["fieldPath"] == \
+        "metadata.annotations['jobset.sigs.k8s.io/coordinator']"
+    assert env[job.SHUTDOWN_TIMEOUT_ENV]["value"] == str(pod["terminationGracePeriodSeconds"])
+    for name, key in job.SECRET_KEYS.items():
+        assert env[name] == {"name": name, "valueFrom": {"secretKeyRef": {
+            "name": job.DEFAULT_SECRET_NAME, "key": key, "optional": True}}}
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+
+
+def test_gpu_jobset_failure_policy_is_the_tpu_ones():
+    tpu_jobset, gpu_jobset = the_jobset(render(REPRESENTATIVE_VALUES)), the_jobset(render(GPU_VALUES))
+    assert gpu_jobset["spec"]["failurePolicy"] == tpu_jobset["spec"]["failurePolicy"]
+    policy = [replicated["template"]["spec"]["podFailurePolicy"]
+              for replicated in (tpu_jobset["spec"]["replicatedJobs"][0], gpu_jobset["spec"]["replicatedJobs"][0])]
+    assert policy[0] == policy[1]
+    assert container_of(gpu_jobset)["name"] == policy[1]["rules"][1]["onExitCodes"]["containerName"]
+
+
+def test_chart_gpu_values_are_clm_gpus_table():
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert defaults["gpuAcceleratorLabels"] == {name: a.gke_accelerator for name, a in gpu.ACCELERATORS.items()}
+    schema = json.loads((CHART / "values.schema.json").read_text())["properties"]["gpu"]["properties"]
+    assert schema["type"]["enum"] == list(gpu.ACCELERATORS)
+    assert schema["gpusPerNode"]["maximum"] == max(a.gpus_per_node for a in gpu.ACCELERATORS.values())
+    assert defaults["gpu"]["gpusPerNode"] == gpu.accelerator(defaults["gpu"]["type"]).gpus_per_node
+
+
+@pytest.mark.parametrize("gpu_values", [{"type": "h900"}, {"nodes": 0}, {"gpusPerNode": 16}],
+                         ids=["type", "nodes", "gpusPerNode"])
+def test_chart_refuses_bad_gpu_values(gpu_values):
+    key = next(iter(gpu_values))
+    with pytest.raises(helm_python.HelmError, match=key):
+        render({"accelerator": "gpu", "gpu": {**GPU_VALUES["gpu"], **gpu_values}})
+
+
+def run_gke_gpu(args: list[str], **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "clm.launch", "gke-gpu", *args], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env}, timeout=120)
+
+
+def test_gke_gpu_dry_run_prints_the_manifest_without_secrets():
+    result = run_gke_gpu([*GKE_GPU_ARGS[:GKE_GPU_ARGS.index("--")], "--dry-run",
+                          *GKE_GPU_ARGS[GKE_GPU_ARGS.index("--"):]], **PLANTED)
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout) == gke_gpu_jobset(GKE_GPU_ARGS)
+    assert not any(value in result.stdout + result.stderr for value in PLANTED.values())
+    assert "&id" not in result.stdout  # plain YAML, no anchors
+
+
+@pytest.mark.parametrize("bad, flag", [
+    (["--gpu-type", "h900"], "--gpu-type 'h900'"),
+    (["--nodes", "0"], "--nodes 0"),
+    (["--gpus-per-node", "16"], "--gpus-per-node 16"),
+], ids=["gpu-type", "nodes", "gpus-per-node"])
+def test_gke_gpu_bad_input_is_one_line(bad, flag):
+    # argparse keeps the last --gpu-type given
+    result = run_gke_gpu(["--gpu-type", "h100-80gb", "--docker-image", "img", "--dry-run", *bad])
+    assert result.returncode == EXIT_USER_ERROR
+    assert result.stderr.count("\n") == 1 and flag in result.stderr and "Traceback" not in result.stderr
+
+
+def test_gke_gpu_without_kubectl_is_one_line():
+    result = run_gke_gpu(["--gpu-type", "h100-80gb", "--docker-image", "img"], CLM_KUBECTL="/nonexistent/kubectl")
+    assert result.returncode == EXIT_USER_ERROR
+    assert result.stderr.count("\n") == 1 and "kubectl not found" in result.stderr
+
+
 # ------------------------------------------------------------------ the xpk launcher
 
 @pytest.fixture(scope="session")
@@ -278,6 +410,96 @@ def test_xpk_launcher_bad_tpu_type_is_one_line(xpk_bin):
     result = run_launcher(args, xpk_bin)
     assert result.returncode == EXIT_USER_ERROR
     assert result.stderr.count("\n") == 1 and "--tpu-type 'v9z-8'" in result.stderr
+    result = run_launcher([XPK_ARGS[0], "--num-nodes", "2", *XPK_ARGS[1:]], xpk_bin)
+    assert result.returncode == EXIT_USER_ERROR
+    assert result.stderr.count("\n") == 1 and "--num-nodes 2: GPU nodes" in result.stderr
+
+
+XPK_GPU_ARGS = ["xpk", "--cluster", "gpu-cluster", "--device-type", "h100-80gb-8", "--num-nodes", "2",
+                "--docker-image", "us-docker.pkg.dev/proj/repo/clm:gpu", "--workload", "clm-gpu-golden",
+                "--project", "proj", "--zone", "us-central1-a", "--storage", "clm-bucket",
+                "--error-dir", "/gcs/host_errors/clm-gpu-golden",
+                "--dry-run", "--", "max_steps=1000", "output_dir=/gcs/outputs"]
+
+
+@pytest.fixture(scope="session")
+def xpk_gpu_dry_run(xpk_bin) -> subprocess.CompletedProcess:
+    result = run_launcher(XPK_GPU_ARGS, xpk_bin, **PLANTED)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_xpk_gpu_dry_run_matches_golden_file(xpk_gpu_dry_run):
+    if os.environ.get("CLM_UPDATE_GOLDEN"):
+        XPK_GPU_GOLDEN.write_text(xpk_gpu_dry_run.stdout)
+    assert xpk_gpu_dry_run.stdout == XPK_GPU_GOLDEN.read_text()
+
+
+def test_xpk_gpu_workload_runs_torchrun_with_xpks_node_rank_and_coordinator(xpk_gpu_dry_run):
+    out = xpk_gpu_dry_run.stdout + xpk_gpu_dry_run.stderr
+    assert not any(value in out for value in PLANTED.values())
+    command, manifest = out.split("# JobSet manifest\n")
+    assert "--device-type h100-80gb-8 --num-nodes 2" in command and "--num-slices" not in command
+    # (xpk's manifest is xpk's: not checked against the schemas, which its rules' missing names fail)
+    jobset = yaml.safe_load(manifest)
+    (replicated,) = jobset["spec"]["replicatedJobs"]
+    assert replicated["template"]["spec"]["parallelism"] == 2
+    container = container_of(jobset)
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": 8}
+    run = job.GpuJob(overrides=["max_steps=1000", "output_dir=/gcs/outputs"], num_nodes=2, gpus_per_node=8,
+                     host_error_dir="/gcs/host_errors/clm-gpu-golden")
+    assert f"({run.command()})" in container["command"][-1]  # inside xpk's bash wrapper
+    # Kubernetes expands $(NAME) only from variables listed before: xpk's come first.
+    names = [e["name"] for e in container["env"]]
+    env = {e["name"]: e for e in container["env"]}
+    for name, value in xpk_launcher.XPK_GPU_ENV.items():
+        referenced = re.fullmatch(r"\$\((\w+)\)", value).group(1)
+        assert env[name]["value"] == value and names.index(referenced) < names.index(name)
+    assert env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == \
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    assert env["JAX_COORDINATOR_ADDRESS"]["value"] == "$(JOBSET_NAME)-$(REPLICATED_JOB_NAME)-0-0.$(JOBSET_NAME)"
+    assert env[job.SHUTDOWN_TIMEOUT_ENV]["value"] == "300"
+    assert env["CLM_SECRET_REFS"]["value"] == "HF_TOKEN=clm-secrets/hf-token,WANDB_API_KEY=clm-secrets/wandb-api-key"
+    (rule,) = replicated["template"]["spec"]["podFailurePolicy"]["rules"]
+    assert rule["onExitCodes"]["containerName"] == container["name"] and rule["onExitCodes"]["operator"] == "NotIn"
+    assert EXIT_PREEMPTED in rule["onExitCodes"]["values"] and EXIT_USER_ERROR not in rule["onExitCodes"]["values"]
+
+
+def test_clm_gpu_table_is_xpks(xpk_bin):
+    """Every GPU type xpk knows has clm.gpu's GKE label and GPUs per node (xpk's own table, read
+    with xpk's interpreter; a100-80gb is clm's only row xpk lacks)."""
+    python = Path(xpk_bin).read_text().splitlines()[0].removeprefix("#!")
+    read = ("import json; from xpk.core.system_characteristics import UserFacingNameToSystemCharacteristics as t; "
+            "print(json.dumps({k: [s.gke_accelerator, s.chips_per_vm, s.gce_machine_type] for k, s in t.items() "
+            "if s.accelerator_type.name == 'GPU'}))")
+    xpk_gpus = json.loads(subprocess.run([python, "-c", read], capture_output=True, text=True, check=True).stdout)
+    compared = 0
+    for device_type, (label, gpus_per_node, machine_type) in xpk_gpus.items():
+        parsed = gpu.parse_device_type(device_type)
+        if parsed is None or parsed[1] != parsed[0].gpus_per_node:
+            continue
+        accelerator, gpus = parsed
+        assert (accelerator.gke_accelerator, accelerator.gpus_per_node, accelerator.machine_type) == \
+            (label, gpus_per_node, machine_type), device_type
+        compared += 1
+    assert compared == len(gpu.ACCELERATORS) - 1, sorted(xpk_gpus)
+
+
+@pytest.mark.parametrize("change, message", [
+    (("--device-type", "h900-8"), "--device-type 'h900-8'"),
+    (("--num-nodes", "0"), "--num-nodes 0"),
+    (("--num-slices", "2"), "--num-slices 2: TPU slices"),
+], ids=["device-type", "num-nodes", "num-slices"])
+def test_xpk_gpu_bad_input_is_one_line(change, message, xpk_bin):
+    flag, value = change
+    args = list(XPK_GPU_ARGS)
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args[1:1] = [flag, value]
+    result = run_launcher(args, xpk_bin)
+    assert result.returncode == EXIT_USER_ERROR
+    assert result.stderr.count("\n") == 1 and message in result.stderr
 
 
 def test_chart_libtpu_flags_and_accelerator_labels_are_the_launchers():
@@ -345,6 +567,99 @@ def test_errors_left_by_an_earlier_attempt_are_ignored(tmp_path):
     host = start_host(0, 2, [sys.executable, "-c", "import time; time.sleep(2)"], tmp_path)
     _, err = host.communicate(timeout=30)
     assert host.returncode == 0 and "previous attempt" not in err
+
+
+# ------------------------------------------------------------------ the wrapper around torchrun (GPU nodes)
+
+# A stand-in for run_clm.py under torchrun: it runs through clm.cli.run_command as run_clm.py
+# does, and exits with the code its arguments give its rank (RANK=CODE), or, like the trainer
+# on SIGTERM, saves for a second and exits 75.
+TORCHRUN_WORKER = """
+import os, signal, sys, time
+from clm.cli import run_command
+from clm.errors import EXIT_PREEMPTED
+
+def main():
+    rank = os.environ["RANK"]
+    print(f"worker rank={rank} world={os.environ['WORLD_SIZE']} node={os.environ['GROUP_RANK']}", flush=True)
+    codes = dict(arg.split("=", 1) for arg in sys.argv[1:])
+    if rank in codes:
+        return int(codes[rank])
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    print("ready", flush=True)
+    while not stop:
+        time.sleep(0.1)
+    time.sleep(1)
+    return EXIT_PREEMPTED
+
+sys.exit(run_command(main))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_gpu_node(tmp_path: Path, node: int, run: job.GpuJob, port: int) -> subprocess.Popen:
+    """One GPU pod's command on this machine: GpuJob's argv with this interpreter, torchrun as
+    `python -m torch.distributed.run` and the stand-in for run_clm.py; node rank and rendezvous
+    host as the JobSet gives them, in torchrun's PET_ variables."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(TORCHRUN_WORKER)
+    replace = {"python": [sys.executable], "torchrun": [sys.executable, "-m", "torch.distributed.run"],
+               "run_clm.py": [str(worker)]}
+    argv = [part for arg in run.argv() for part in replace.get(arg, [arg])]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), job.NODE_RANK_ENV: str(node), job.MASTER_ADDR_ENV: "127.0.0.1",
+           "PET_MASTER_PORT": str(port)}
+    return subprocess.Popen(argv, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def test_torchrun_nodes_rendezvous_from_the_pod_environment(tmp_path):
+    """Two nodes of two GPUs: four workers, ranks 0-3, node ranks from PET_NODE_RANK."""
+    run = job.GpuJob(overrides=["0=0", "1=0", "2=0", "3=0"], num_nodes=2, gpus_per_node=2)
+    port = free_port()
+    nodes = [start_gpu_node(tmp_path, node, run, port) for node in (1, 0)]
+    outs = [node.communicate(timeout=180) for node in nodes]
+    assert [node.returncode for node in nodes] == [EXIT_OK, EXIT_OK], outs
+    # (a node's workers share its stdout, and unbuffered prints of two workers can interleave)
+    seen = sorted(re.findall(r"worker rank=\d+ world=\d+ node=\d+", "".join(out for out, _ in outs)))
+    assert seen == [f"worker rank={r} world=4 node={r // 2}" for r in range(4)]
+
+
+def test_a_workers_config_error_is_the_nodes_exit_code_not_torchruns_1(tmp_path):
+    """Rank 1 exits 2; torchrun stops rank 0 (which then exits 75) and exits 1 itself: the node
+    exits 2, and a preemption never hides a failure."""
+    node = start_gpu_node(tmp_path, 0, job.GpuJob(overrides=["1=2"], num_nodes=1, gpus_per_node=2), free_port())
+    _, err = node.communicate(timeout=180)
+    assert node.returncode == EXIT_USER_ERROR, err
+    assert "ChildFailedError" in err  # torchrun's own report, passed through
+
+
+def test_a_preempted_node_exits_75_through_torchrun(tmp_path):
+    """SIGTERM to the pod's wrapper reaches the workers through torchrun; they save and exit 75,
+    torchrun exits 1, the node exits 75: JobSet restarts the job."""
+    node = start_gpu_node(tmp_path, 0, job.GpuJob(overrides=[], num_nodes=1, gpus_per_node=2), free_port())
+    ready = 0
+    while ready < 2:
+        line = node.stdout.readline()
+        assert line, node.stderr.read()
+        ready += line.count("ready")  # the two workers' lines may interleave
+    node.send_signal(signal.SIGTERM)
+    _, err = node.communicate(timeout=120)
+    assert node.returncode == EXIT_PREEMPTED, err
+
+
+def test_job_exit_code_prefers_a_failure_then_a_preemption_then_the_commands_own():
+    from clm.launch.host import job_exit_code
+
+    assert job_exit_code(EXIT_OK, [1]) == EXIT_OK
+    assert job_exit_code(1, [EXIT_PREEMPTED, EXIT_USER_ERROR, EXIT_PREEMPTED]) == EXIT_USER_ERROR
+    assert job_exit_code(1, [EXIT_PREEMPTED, EXIT_OK]) == EXIT_PREEMPTED
+    assert job_exit_code(137, []) == 137  # a worker killed by a signal leaves no code
 
 
 class FakeKubernetesApi(BaseHTTPRequestHandler):
@@ -427,3 +742,4 @@ def test_host_index_follows_slices_then_workers():
     assert host_index(gke) == (7, 8)
     assert host_index({"TPU_WORKER_ID": "2"}) == (2, None)  # a TPU VM container: count unknown
     assert host_index({}) == (0, None)
+    assert host_index({job.NODE_RANK_ENV: "3"}) == (3, None)  # a GPU node: torchrun's node rank

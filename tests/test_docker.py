@@ -1,5 +1,7 @@
-"""The images: both Dockerfiles pass hadolint at warning level (no Docker engine here: lint,
-not build), the CPU image runs the README's default job, and the build script honours IMAGE."""
+"""The images: every Dockerfile passes hadolint at warning level (no Docker engine here: lint,
+not build), the CPU image runs the README's default job, the GPU and TorchTPU images keep the
+torch they install and carry no torch_xla, and the build script honours IMAGE and knows every
+image."""
 
 import json
 import os
@@ -11,7 +13,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCKERFILES = [ROOT / "docker" / "tpu" / "Dockerfile", ROOT / "docker" / "cpu" / "Dockerfile"]
+KINDS = ["tpu", "cpu", "gpu", "torchtpu"]
+DOCKERFILES = [ROOT / "docker" / kind / "Dockerfile" for kind in KINDS]
+WITHOUT_TORCH_XLA = [ROOT / "docker" / kind / "Dockerfile" for kind in ("gpu", "torchtpu")]
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
@@ -54,6 +58,27 @@ def test_build_script_uses_the_image_override():
     assert result.returncode == 0, result.stderr
     assert f"--file {ROOT}/docker/cpu/Dockerfile --tag registry.example/team/clm:test" in result.stdout
     assert "docker push registry.example/team/clm:test" in result.stdout
-    bad = subprocess.run([str(ROOT / "docker" / "build_and_push_image.sh"), "gpu"],
+    bad = subprocess.run([str(ROOT / "docker" / "build_and_push_image.sh"), "rocm"],
                          capture_output=True, text=True, env=env)
-    assert bad.returncode == 2 and "use tpu or cpu" in bad.stderr
+    assert bad.returncode == 2 and "use tpu, cpu, gpu or torchtpu" in bad.stderr
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_build_script_builds_every_image(kind):
+    env = dict(os.environ, IMAGE=f"registry.example/team/clm:{kind}", DRY_RUN="1")
+    result = subprocess.run([str(ROOT / "docker" / "build_and_push_image.sh"), kind],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert f"--file {ROOT}/docker/{kind}/Dockerfile" in result.stdout
+
+
+@pytest.mark.parametrize("dockerfile", WITHOUT_TORCH_XLA, ids=lambda p: p.parent.name)
+def test_torch_xla_free_images_keep_their_torch(dockerfile):
+    """The torch the image installs is the one clm's install is constrained to (so pip cannot
+    swap in pyproject.toml's torch_xla pair), and the build fails if torch_xla came along."""
+    text = dockerfile.read_text()
+    installed = set(re.findall(r"pip install [^\n]*torch==([\d.]+)", text))
+    constrained = set(re.findall(r'echo "torch==([\d.]+)" > /tmp/constraints.txt', text))
+    assert installed == constrained and len(installed) == 1, (installed, constrained)
+    assert "--constraint /tmp/constraints.txt ." in text
+    assert "find_spec('torch_xla') is not None" in text

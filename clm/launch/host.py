@@ -1,10 +1,15 @@
 """The per-host wrapper: python -m clm.launch.host [--error-dir DIR] -- python run_clm.py ...
 
 Every host of a multi-host job (each pod of the JobSet, each TPU VM) runs the same command
-through it. It
+through it: run_clm.py on TPU hosts, torchrun (which starts one run_clm.py per GPU) on GPU
+nodes. It
 - fills in Kubernetes Secrets named by CLM_SECRET_REFS (clm.launch.secrets), never logging them;
 - runs the command, passing its output through and forwarding SIGTERM/SIGINT (preemption:
-  the trainer checkpoints and exits 75);
+  the trainer checkpoints and exits 75; torchrun passes the signal on to its workers);
+- exits with the trainer's exit code: the command's own, or, when the command failed, the one
+  its clm processes left in CLM_EXIT_CODE_DIR (clm.cli), because torchrun exits 1 whatever its
+  workers exited with. A worker's failure wins over another's preemption (75), so a restart
+  never hides a bug or a config error;
 - when the command fails, prints this host's error (the exit code and the last lines of
   stderr, i.e. the traceback) and exits with the same code, so the JobSet's failure policy
   fails or restarts the whole job at once instead of the other hosts hanging in a collective;
@@ -22,13 +27,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
-from clm.cli import run_command
+from clm.cli import EXIT_CODE_DIR_ENV, EXIT_CODE_SUFFIX, run_command
 from clm.errors import EXIT_OK, EXIT_PREEMPTED, UserError
-from clm.launch import secrets
+from clm.launch import job, secrets
 
 TAIL_LINES = 40  # of the failing command's stderr, in its error report
 POLL_SECONDS = 1.0
@@ -42,8 +48,11 @@ def host_index(env: dict[str, str]) -> tuple[int, int | None]:
     TPU_WORKER_ID is the host's index in its slice, TPU_WORKER_HOSTNAMES lists the slice's
     hosts, MEGASCALE_SLICE_ID/NUM_SLICES number the slices: the order torch_xla's
     process_index() follows. Read here because this wrapper must not start the TPU runtime:
-    only one process per host may open the chips, and that is the trainer.
+    only one process per host may open the chips, and that is the trainer. A GPU node's index
+    is torchrun's node rank (clm.launch.job.NODE_RANK_ENV).
     """
+    if job.NODE_RANK_ENV in env:
+        return int(env[job.NODE_RANK_ENV]), None
     hostnames = env.get("TPU_WORKER_HOSTNAMES")
     hosts = len(hostnames.split(",")) if hostnames else None
     worker = int(env.get("TPU_WORKER_ID", "0"))
@@ -56,6 +65,31 @@ def host_index(env: dict[str, str]) -> tuple[int, int | None]:
 def exit_code(returncode: int) -> int:
     """A signal death as the shell reports it (SIGKILL -> 137), which the restart policies match."""
     return 128 - returncode if returncode < 0 else returncode
+
+
+def left_exit_codes(directory: Path) -> list[int]:
+    """The exit codes clm processes left in `directory` (clm.cli), first to exit first. A file a
+    killed process left half-written is skipped."""
+    codes = []
+    for path in sorted(directory.glob(f"*{EXIT_CODE_SUFFIX}"), key=lambda p: p.stat().st_mtime):
+        try:
+            codes.append(int(path.read_text()))
+        except ValueError:
+            continue
+    return codes
+
+
+def job_exit_code(code: int, left: list[int]) -> int:
+    """This host's exit code from its command's `code` and the codes its clm processes `left`:
+    the command's own when it succeeded or none were left (a worker killed by a signal leaves
+    none); else the first failure (neither 0 nor 75) of any of them, else 75 if one was
+    preempted (torchrun exits 1 after its workers exit 75), else the command's own."""
+    if code == EXIT_OK:
+        return code
+    failures = [c for c in left if c not in (EXIT_OK, EXIT_PREEMPTED)]
+    if failures:
+        return failures[0]
+    return EXIT_PREEMPTED if EXIT_PREEMPTED in left else code
 
 
 def error_file_name(index: int) -> str:
@@ -98,10 +132,15 @@ def stop(child: subprocess.Popen) -> None:
 
 
 def supervise(command: list[str], error_dir: Path | None) -> int:
+    with tempfile.TemporaryDirectory(prefix="clm-exit-codes-") as exit_codes:
+        return run_supervised(command, error_dir, Path(exit_codes))
+
+
+def run_supervised(command: list[str], error_dir: Path | None, exit_codes: Path) -> int:
     index, count = host_index(dict(os.environ))
     name = f"host {index}/{count}" if count else f"host {index}"
     started = time.time()
-    env = secrets.resolve_env(dict(os.environ))
+    env = {**secrets.resolve_env(dict(os.environ)), EXIT_CODE_DIR_ENV: str(exit_codes)}
     try:
         child = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
     except FileNotFoundError:
@@ -128,7 +167,7 @@ def supervise(command: list[str], error_dir: Path | None) -> int:
             return code
         time.sleep(POLL_SECONDS)
     reader.join()
-    code = exit_code(child.returncode)
+    code = job_exit_code(exit_code(child.returncode), left_exit_codes(exit_codes))
     if code not in (EXIT_OK, EXIT_PREEMPTED):
         lines = b"".join(tail).decode(errors="replace").rstrip()
         report_failure(error_dir, index, code,
@@ -149,6 +188,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    codes = []
-    status = run_command(lambda: codes.append(main(sys.argv[1:])))
-    sys.exit(codes[0] if codes else status)
+    sys.exit(run_command(lambda: main(sys.argv[1:])))

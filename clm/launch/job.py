@@ -1,11 +1,11 @@
-"""What every launch of clm shares, whichever tool submits it (xpk, Helm, docker run)."""
+"""What every launch of clm shares, whichever tool submits it (xpk, Helm, kubectl, docker run)."""
 
 from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass
 
-from clm import tpu
+from clm import gpu, tpu
 from clm.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
 
 # Retried by JobSet: a preempted run that saved a complete checkpoint. Never retried:
@@ -53,17 +53,59 @@ def runtime_env(tpu_type: str) -> dict[str, str]:
     }
 
 
+def gpu_accelerator(gpu_type: str) -> gpu.Accelerator:
+    """clm.gpu's row for `gpu_type` ('h100-80gb'); a UserError for anything else."""
+    found = gpu.accelerator(gpu_type)
+    if found is None:
+        raise UserError(f"--gpu-type {gpu_type!r}: expected one of {gpu.names()}")
+    return found
+
+
+def gpu_device_type(device_type: str) -> tuple[gpu.Accelerator, int]:
+    """(accelerator, GPUs per node) of an xpk GPU device type ('h100-80gb-8'); a UserError for
+    anything else."""
+    parsed = gpu.parse_device_type(device_type)
+    if parsed is None:
+        raise UserError(f"--device-type {device_type!r}: expected GPU-COUNT with GPU one of {gpu.names()} "
+                        f"and COUNT the GPUs per node (e.g. h100-80gb-8, h200-141gb-8, b200-8)")
+    return parsed
+
+
+# torchrun reads every option it is not given from PET_<OPTION> (torch.distributed.argparse_util.env).
+# The node rank and the rendezvous host differ from pod to pod, so they come from each pod's
+# environment and every pod runs the same command; the port is torchrun's default, 29500.
+NODE_RANK_ENV = "PET_NODE_RANK"
+MASTER_ADDR_ENV = "PET_MASTER_ADDR"
+# After it passes SIGTERM on to its workers torchrun SIGKILLs them in 30 s unless this says
+# otherwise (torch >= 2.12; older versions ignore it); a preempted worker's checkpoint may need
+# the pod's whole termination grace period.
+SHUTDOWN_TIMEOUT_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
+
+
+def gpu_runtime_env(grace_period: int) -> dict[str, str]:
+    """The environment every GPU node needs besides its node rank and rendezvous host."""
+    return {SHUTDOWN_TIMEOUT_ENV: str(grace_period)}
+
+
 @dataclass
 class Job:
-    """One training run on N slices: the same command and resolved config on every host."""
+    """One training run on N TPU slices: the same command and resolved config on every host."""
 
     overrides: list[str]
     num_slices: int = 1
     compile_cache_dir: str | None = None  # shared across hosts and launches, e.g. a GCS FUSE path
     host_error_dir: str | None = None  # shared: a failing host's error reaches process 0
 
+    def launch_overrides(self) -> dict[str, object]:
+        """The overrides the launch sets (None: not set)."""
+        return {"num_slices": self.num_slices, "local_compile_cache_dir": self.compile_cache_dir}
+
+    def program(self) -> list[str]:
+        """What runs run_clm.py on each host: one trainer process per TPU host."""
+        return ["python"]
+
     def hydra_overrides(self) -> list[str]:
-        extra = {"num_slices": self.num_slices, "local_compile_cache_dir": self.compile_cache_dir}
+        extra = self.launch_overrides()
         # An override the user gives wins (Hydra rejects the same key twice).
         given = {override.split("=", 1)[0].lstrip("+~") for override in self.overrides}
         return [f"{key}={value}" for key, value in extra.items() if value is not None and key not in given] \
@@ -73,7 +115,23 @@ class Job:
         wrapper = ["python", "-m", "clm.launch.host"]
         if self.host_error_dir:
             wrapper += ["--error-dir", self.host_error_dir]
-        return wrapper + ["--", "python", "run_clm.py", *self.hydra_overrides()]
+        return wrapper + ["--", *self.program(), "run_clm.py", *self.hydra_overrides()]
 
     def command(self) -> str:
         return shlex.join(self.argv())
+
+
+@dataclass
+class GpuJob(Job):
+    """One training run on N GPU nodes (num_slices is TPU's and unused): one pod per node runs
+    torchrun, which starts one trainer process per GPU, on the DTensor backend and NCCL."""
+
+    num_nodes: int = 1
+    gpus_per_node: int = 8
+
+    def launch_overrides(self) -> dict[str, object]:
+        return {"backend": "dtensor", "local_compile_cache_dir": self.compile_cache_dir}
+
+    def program(self) -> list[str]:
+        # --nnodes fixed (no elastic range): every node must join or none starts.
+        return ["torchrun", "--nnodes", str(self.num_nodes), "--nproc-per-node", str(self.gpus_per_node)]

@@ -1,12 +1,15 @@
 """python -m clm.launch xpk: build and run `xpk workload create` for a clm training run.
 
 The command every host runs is clm.launch.job's (the host wrapper, then run_clm.py with the
-Hydra overrides). The environment carries the TPU runtime's settings and, for secrets, only
-the names of Kubernetes Secret keys (CLM_SECRET_REFS, resolved in the pod by
-clm.launch.secrets): xpk cannot reference a Secret, and its --env-file copies values from
-the local environment into the manifest, so it is never used. JobSet restarts the job on
-the preemption exit code (--restart-on-exit-codes, up to --max-restarts times) and fails it
-on a config error (exit 2) or any other failure.
+Hydra overrides on a TPU host, torchrun with run_clm.py backend=dtensor on a GPU node). The
+environment carries the TPU runtime's settings, or on GPUs torchrun's node rank and
+rendezvous host taken from the variables xpk sets on every GPU pod (NODE_RANK, the pod's
+completion index; JAX_COORDINATOR_ADDRESS, pod 0's name), and, for secrets, only the names
+of Kubernetes Secret keys (CLM_SECRET_REFS, resolved in the pod by clm.launch.secrets): xpk
+cannot reference a Secret, and its --env-file copies values from the local environment into
+the manifest, so it is never used. JobSet restarts the job on the preemption exit code
+(--restart-on-exit-codes, up to --max-restarts times) and fails it on a config error
+(exit 2) or any other failure.
 """
 
 from __future__ import annotations
@@ -28,10 +31,14 @@ XPK_ENV = "CLM_XPK"  # the xpk executable, when it is not `xpk` on PATH (e.g. in
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cluster", required=True, help="GKE cluster created with `xpk cluster create`")
-    parser.add_argument("--tpu-type", required=True, help="e.g. v5p-512, v4-8, v5litepod-256, v6e-256")
-    parser.add_argument("--num-slices", type=int, default=1)
+    accelerator = parser.add_mutually_exclusive_group(required=True)
+    accelerator.add_argument("--tpu-type", help="e.g. v5p-512, v4-8, v5litepod-256, v6e-256")
+    accelerator.add_argument("--device-type", help="a GPU node type as xpk names it: h100-80gb-8, h200-141gb-8, b200-8")
+    parser.add_argument("--num-slices", type=int, default=None, help="TPU slices (default 1)")
+    parser.add_argument("--num-nodes", type=int, default=None, help="GPU nodes (default 1)")
     parser.add_argument("--docker-image", required=True,
-                        help="the image of docker/tpu/Dockerfile (docker/build_and_push_image.sh prints it)")
+                        help="the image of docker/tpu/Dockerfile or, for GPUs, docker/gpu/Dockerfile "
+                             "(docker/build_and_push_image.sh prints it)")
     parser.add_argument("--workload", default=None, help="workload name (default clm-MMDD-HHMMSS)")
     parser.add_argument("--project", default=None)
     parser.add_argument("--zone", default=None)
@@ -51,21 +58,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs=argparse.REMAINDER, help="-- Hydra overrides for run_clm.py")
 
 
+# Variables xpk sets on every GPU pod before the user's (xpk/core/docker_resources.py,
+# get_gpu_env); Kubernetes expands $(NAME) in a later variable's value.
+XPK_GPU_ENV = {job.NODE_RANK_ENV: "$(NODE_RANK)", job.MASTER_ADDR_ENV: "$(JAX_COORDINATOR_ADDRESS)"}
+
+
+def tpu_job(args: argparse.Namespace, overrides: list[str]) -> tuple[job.Job, list[str], dict[str, str]]:
+    """The job, xpk's accelerator arguments and the environment of a TPU workload."""
+    if args.num_nodes is not None:
+        raise UserError(f"--num-nodes {args.num_nodes}: GPU nodes; a TPU workload takes --num-slices")
+    num_slices = 1 if args.num_slices is None else args.num_slices
+    if num_slices < 1:
+        raise UserError(f"--num-slices {num_slices}: must be at least 1")
+    run = job.Job(overrides=overrides, num_slices=num_slices,
+                  compile_cache_dir=args.compile_cache_dir, host_error_dir=args.error_dir)
+    return run, ["--tpu-type", args.tpu_type, "--num-slices", str(num_slices)], job.runtime_env(args.tpu_type)
+
+
+def gpu_job(args: argparse.Namespace, overrides: list[str]) -> tuple[job.GpuJob, list[str], dict[str, str]]:
+    """The job, xpk's accelerator arguments and the environment of a GPU workload."""
+    if args.num_slices is not None:
+        raise UserError(f"--num-slices {args.num_slices}: TPU slices; a GPU workload (--device-type) takes --num-nodes")
+    num_nodes = 1 if args.num_nodes is None else args.num_nodes
+    if num_nodes < 1:
+        raise UserError(f"--num-nodes {num_nodes}: must be at least 1")
+    _, gpus_per_node = job.gpu_device_type(args.device_type)
+    run = job.GpuJob(overrides=overrides, num_nodes=num_nodes, gpus_per_node=gpus_per_node,
+                     compile_cache_dir=args.compile_cache_dir, host_error_dir=args.error_dir)
+    env = {**XPK_GPU_ENV, **job.gpu_runtime_env(args.grace_period)}
+    return run, ["--device-type", args.device_type, "--num-nodes", str(num_nodes)], env
+
+
 def xpk_argv(args: argparse.Namespace) -> list[str]:
     """`xpk workload create ...` without the executable and without --dry-run."""
     overrides = args.overrides[1:] if args.overrides[:1] == ["--"] else args.overrides
-    if args.num_slices < 1:
-        raise UserError(f"--num-slices {args.num_slices}: must be at least 1")
-    run = job.Job(overrides=overrides, num_slices=args.num_slices,
-                  compile_cache_dir=args.compile_cache_dir, host_error_dir=args.error_dir)
-    env = job.runtime_env(args.tpu_type)
+    run, accelerator, env = (gpu_job if args.device_type else tpu_job)(args, overrides)
     env[secrets.REFS_ENV] = secrets.format_refs(
         {name: (args.secret, key) for name, key in job.SECRET_KEYS.items()})
     argv = ["workload", "create",
             "--cluster", args.cluster,
             "--workload", args.workload or time.strftime("clm-%m%d-%H%M%S"),
-            "--tpu-type", args.tpu_type,
-            "--num-slices", str(args.num_slices),
+            *accelerator,
             "--docker-image", args.docker_image,
             "--command", run.command(),
             "--max-restarts", str(args.max_restarts),
