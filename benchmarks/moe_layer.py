@@ -50,6 +50,7 @@ from clm import parallel, runtime  # noqa: E402
 from clm.config import load_config  # noqa: E402
 from clm.model import moe  # noqa: E402
 from clm.model.build import build_sharded_model  # noqa: E402
+from clm.model.plan import ModelPlan  # noqa: E402
 
 NUM_EXPERTS, TOP_K, CAPACITY_FACTOR = 8, 2, 1.25
 WARMUP_STEPS = 2
@@ -179,7 +180,7 @@ def main() -> None:
                            f"global_eval_batch_size={args.batch}"], num_devices=DEVICES)
         # num_slices=4: the batch over the dcn axis, every weight replicated (the rules split
         # only fsdp, expert and tensor, all of size 1 here).
-        model = build_sharded_model(cfg, parallel.mesh_shape(DEVICES, 1, 1, DEVICES))
+        model = build_sharded_model(ModelPlan.from_config(cfg, parallel.mesh_shape(DEVICES, 1, 1, DEVICES)))
     block = model.module.get_submodule(model.routing.layers[0].name)
     device, mesh = torch_xla.device(), model.mesh
     config = model.config

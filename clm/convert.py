@@ -114,18 +114,18 @@ def hf_to_checkpoint(hf_dir: str, out: str, dtype: str | None = None) -> str:
     from clm.config import load_config
     from clm.model import weights
     from clm.model.build import build_sharded_model
-    from clm.model.config import load_model_config
+    from clm.model.plan import ModelPlan
 
     source = weights.HubCheckpoint(hf_dir, knob="HF_DIR")
     dtype = dtype or source.config_fields.get("torch_dtype") or source.config_fields.get("dtype") or "float32"
     cfg = load_config([f"model.name_or_path={hf_dir}", f"model.dtype={dtype}", "model.fsdp_config.xla_fsdp_grad_ckpt=false"],
                       num_devices=runtime.device_count)
     runtime.setup(None, False)
-    hf_config = load_model_config(cfg)
+    model_plan = ModelPlan.from_config(cfg, parallel.mesh_shape(runtime.device_count(), 1, 1, 1), checkpoint=source)
     manager = checkpoint.checkpoint_manager(out)
     if manager.all_steps():
         raise UserError(f"OUT={out}: already holds checkpoint steps {manager.all_steps()}; give a new directory")
-    model = build_sharded_model(cfg, parallel.mesh_shape(runtime.device_count(), 1, 1, 1), hf_config)
+    model = build_sharded_model(model_plan)
     # The trainer's sharded save of the model (its tensors as they live on the devices, each
     # host writing its own shards), synchronous: shard by shard, so the host holds about one
     # tensor's shards at a time, where the asynchronous save first copies every shard to host.

@@ -3,9 +3,11 @@
     python -m clm.plan v5p-256 +experiment=gbs256_tpu
     python -m clm.plan 2xv5p-256 +experiment=gbs256_tpu tensor_parallelism=2
 
-Nothing is allocated: the model is built on the meta device, the sharding rules give each
-parameter's per-device shape, and activations are estimated from the shapes (the formula is
-below, in `activation_bytes`). Last line: `plan: key=value ...`.
+Nothing is allocated: the model plan (clm.model.plan.ModelPlan: the model on the meta device,
+checked against the config and the mesh) gives each parameter's per-device shape, and
+activations are estimated from the shapes (the formula is below, in `activation_bytes`). The
+run's pre-flight (`preflight`) reads the same numbers from the run's own plan. Last line:
+`plan: key=value ...`.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig
 
-from clm import metrics, tpu
+from clm import tpu
 from clm.cli import run_command
 from clm.errors import UserError
 from clm.model import family
-from clm.parallel import MeshShape, check_model_fits_mesh, mesh_shape, plan_model
+from clm.model.plan import ModelPlan
+from clm.parallel import MeshShape, mesh_shape
 from clm.parallel.mesh import axes_of
 
 GB = 1e9
@@ -57,13 +60,13 @@ def parse_topology(text: str) -> Topology:
     return Topology(text, generation.name, int(match.group(1) or 1), chips, generation.hbm_gb)
 
 
-def activation_bytes(cfg: DictConfig, hf_config, mesh: MeshShape) -> dict[str, float]:
+def activation_bytes(model_plan: ModelPlan) -> dict[str, float]:
     """Per-device activation estimate for one micro-batch, forward and backward.
 
     tokens = rows per device x S. Per layer, with b bytes per element, tp = tensor size, d_qk and
     d_v the query/key and value head dims (MLA's own for DeepSeek), m the MLP's intermediate
     activations per token in units of its width (gate, up, activated: 3 gated; 2 not), as
-    clm.metrics reads them from the config:
+    clm.model.family reads them from the config:
       saved input     tokens*H*b                                  (all an activation-checkpointed layer keeps)
       attention       tokens*(Hq*d_qk + Hkv*(d_qk + d_v) + Hq*d_v)/tp*b   (q, k, v, output; flash keeps no
                       + rows*Hq/tp*S*S*b without flash attention)          S x S scores)
@@ -77,16 +80,17 @@ def activation_bytes(cfg: DictConfig, hf_config, mesh: MeshShape) -> dict[str, f
     gradient). With checkpointing: L * saved input + 2 * one layer + logits; without: 2 * L * one
     layer + logits.
     """
-    b = torch.tensor([], dtype=getattr(torch, cfg.model.dtype)).element_size()
+    cfg, hf_config, mesh = model_plan.cfg, model_plan.hf_config, model_plan.mesh_shape
+    b = dtype_bytes(cfg)
     micro_batch = cfg.global_train_batch_size // cfg.gradient_accumulation_steps
     rows = math.ceil(micro_batch / mesh.data_parallel)
     S, tp = cfg.max_length, mesh.tensor
     tokens = rows * S
     H, V, L = hf_config.hidden_size, hf_config.vocab_size, hf_config.num_hidden_layers
     Hq, Hkv = family.num_attention_heads(hf_config), family.num_key_value_heads(hf_config)
-    d_qk, d_v = metrics.attention_head_dims(hf_config)
+    d_qk, d_v = family.attention_head_dims(hf_config)
     cf = cfg.model.capacity_factor if cfg.model.capacity_factor > 0 else 1.0
-    intermediates = metrics.mlp_matrices(hf_config)  # gate, up and activated; or up and activated
+    intermediates = family.mlp_matrices(hf_config)  # gate, up and activated; or up and activated
 
     saved_input = tokens * H * b
     attention = tokens * (Hq * d_qk + Hkv * (d_qk + d_v) + Hq * d_v) / tp * b
@@ -94,11 +98,11 @@ def activation_bytes(cfg: DictConfig, hf_config, mesh: MeshShape) -> dict[str, f
         attention += rows * Hq / tp * S * S * b
 
     def mlp(layer: int) -> float:
-        if not metrics.is_moe_layer(hf_config, layer):
-            return tokens * intermediates * metrics.dense_mlp_width(hf_config) / tp * b
+        if not family.is_moe_layer(hf_config, layer):
+            return tokens * intermediates * family.dense_mlp_width(hf_config) / tp * b
         slots = tokens * hf_config.num_experts_per_tok * cf
-        return (slots * (2 * H + intermediates * metrics.expert_width(hf_config) / tp)
-                + tokens * intermediates * metrics.shared_expert_width(hf_config) / tp) * b
+        return (slots * (2 * H + intermediates * family.expert_width(hf_config) / tp)
+                + tokens * intermediates * family.shared_expert_width(hf_config) / tp) * b
 
     layer = attention + max(mlp(i) for i in range(L)) + 4 * tokens * H * b
     logits = tokens * V / tp * (b + 4 + 4)
@@ -132,7 +136,6 @@ class MemoryPlan:
     """Per-device bytes of one run: the planner's numbers, shared by the pre-flight."""
 
     mesh: MeshShape
-    num_params: int
     largest_parameter_bytes: float
     entries: list
     totals: dict[str, float]
@@ -143,38 +146,35 @@ class MemoryPlan:
         return sum(self.totals.values())
 
 
-def memory_plan(cfg: DictConfig, hf_config, mesh: MeshShape) -> MemoryPlan:
-    from clm.model.config import meta_model
+def dtype_bytes(cfg: DictConfig) -> int:
+    """Bytes per element of model.dtype."""
+    return torch.tensor([], dtype=getattr(torch, cfg.model.dtype)).element_size()
 
-    model = meta_model(hf_config)
-    shapes = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
-    plan = plan_model(model, cfg.sharding, mesh)
-    b = torch.tensor([], dtype=getattr(torch, cfg.model.dtype)).element_size()
-    param_bytes = sum(math.prod(e.local_shape) for e in plan) * b
-    activations = activation_bytes(cfg, hf_config, mesh)
+
+def memory_plan(model_plan: ModelPlan) -> MemoryPlan:
+    """Per-device bytes of the plan's run, from its parameter shardings and settings."""
+    cfg = model_plan.cfg
+    b = dtype_bytes(cfg)
+    param_bytes = sum(math.prod(e.local_shape) for e in model_plan.shardings) * b
+    activations = activation_bytes(model_plan)
+    largest = max(p.numel() for p in model_plan.meta_model.parameters())
     totals = {
         "parameters": param_bytes,
         "gradients": param_bytes,
         "optimizer_state": OPTIMIZER_STATE.get(cfg.optimizer, 2) * param_bytes,
         "activations": activations["total"],
     }
-    return MemoryPlan(mesh, sum(math.prod(s) for _, s in shapes), max(math.prod(s) for _, s in shapes) * b,
-                      plan, totals, activations)
+    return MemoryPlan(model_plan.mesh_shape, largest * b, model_plan.shardings, totals, activations)
 
 
 def model_name(cfg: DictConfig) -> str:
     return cfg.model.config_path or cfg.model.name_or_path
 
 
-def print_plan(cfg: DictConfig, topology: Topology) -> dict[str, float]:
-    from clm.model.config import load_model_config
-
-    hf_config = load_model_config(cfg)
-    slices = topology.slices if cfg.num_slices == -1 else cfg.num_slices
-    mesh = mesh_shape(topology.chips, cfg.tensor_parallelism, cfg.expert_parallelism, slices)
-    check_model_fits_mesh(mesh, hf_config)
-    memory = memory_plan(cfg, hf_config, mesh)
-    b = torch.tensor([], dtype=getattr(torch, cfg.model.dtype)).element_size()
+def print_plan(model_plan: ModelPlan, topology: Topology) -> dict[str, float]:
+    cfg, mesh = model_plan.cfg, model_plan.mesh_shape
+    memory = memory_plan(model_plan)
+    b = dtype_bytes(cfg)
 
     groups: dict[str, list] = defaultdict(list)
     for entry in memory.entries:
@@ -196,12 +196,11 @@ def print_plan(cfg: DictConfig, topology: Topology) -> dict[str, float]:
     verdict = "fits" if total <= usable else "does NOT fit"
     print(f"Total {total / GB:.2f} GB of {topology.hbm_gb:g} GB HBM: {verdict} "
           f"({USABLE_FRACTION:.0%} usable; activations are an estimate, see clm/plan.py)")
-    flops = metrics.training_flops_per_token(hf_config, cfg.max_length)
-    reference = metrics.reference_flops_per_token(hf_config, memory.num_params)
-    active = metrics.active_matmul_weights(hf_config)
+    flops, reference = model_plan.flops_per_token, model_plan.reference_flops_per_token
+    active = model_plan.active_matmul_weights
     print(f"Training FLOPs per token: {flops:.3g} (MaxText's convention: {active / 1e9:.2f}B active weights of "
-          f"{memory.num_params / 1e9:.2f}B, attention at S={cfg.max_length}); the reference's 6*N*K/E: {reference:.3g}")
-    summary = {"params_b": memory.num_params / 1e9, **{f"{k}_gb": v / GB for k, v in totals.items()},
+          f"{model_plan.num_params / 1e9:.2f}B, attention at S={cfg.max_length}); the reference's 6*N*K/E: {reference:.3g}")
+    summary = {"params_b": model_plan.num_params / 1e9, **{f"{k}_gb": v / GB for k, v in totals.items()},
                "total_gb": total / GB, "hbm_gb": topology.hbm_gb, "active_params_b": active / 1e9,
                "gflops_per_token": flops / 1e9}
     print(f"plan: topology={topology.name} chips={topology.chips} "
@@ -224,12 +223,12 @@ CPU_FALLBACKS = (
 )
 
 
-def host_bytes_needed(cfg: DictConfig, hf_config, mesh: MeshShape) -> float:
+def host_bytes_needed(model_plan: ModelPlan) -> float:
     """Host memory of a run on XLA's CPU backend, which keeps every virtual device's buffers in
     host memory: the larger of building the model (its parameters plus the placement transient
     of the largest one) and training (the planner's per-device total times the devices, plus
     each device's fp32 compute copy of one gathered layer), plus the process's own baseline."""
-    memory = memory_plan(cfg, hf_config, mesh)
+    memory, mesh = memory_plan(model_plan), model_plan.mesh_shape
     build = memory.totals["parameters"] * mesh.num_devices + PLACEMENT_TRANSIENT * memory.largest_parameter_bytes
     train = (memory.total + CPU_COMPUTE_BYTES_PER_LAYER_PARAMETER * gathered_layer_parameters(memory)) * mesh.num_devices
     return max(build, train) + HOST_BASELINE_GB * GB
@@ -267,14 +266,16 @@ def available_host_bytes() -> float:
     return available
 
 
-def preflight(cfg: DictConfig, hf_config, mesh: MeshShape, device_type: str, device_kind: str,
+def preflight(model_plan: ModelPlan, device_type: str, device_kind: str,
               available_bytes: float | None = None) -> None:
     """Before anything is allocated: on CPU a run that cannot fit the host is one error line with
-    an override that fits; on TPU the planner's HBM verdict is a warning (activations are estimated)."""
+    an override that fits (each tried on the same model plan, `replace`d: no model is rebuilt);
+    on TPU the planner's HBM verdict is a warning (activations are estimated)."""
+    cfg, mesh = model_plan.cfg, model_plan.mesh_shape
     if device_type == "TPU":
         generation = tpu.generation(device_kind)
         if generation is not None:
-            total = memory_plan(cfg, hf_config, mesh).total
+            total = memory_plan(model_plan).total
             hbm = generation.hbm_gb * GB
             if total > USABLE_FRACTION * hbm:
                 print(f"warning: the planner estimates {total / GB:.1f} GB per chip, over {USABLE_FRACTION:.0%} of "
@@ -283,7 +284,7 @@ def preflight(cfg: DictConfig, hf_config, mesh: MeshShape, device_type: str, dev
     if device_type != "CPU":
         return
     available = available_host_bytes() if available_bytes is None else available_bytes
-    needed = host_bytes_needed(cfg, hf_config, mesh)
+    needed = host_bytes_needed(model_plan)
     if needed <= available:
         return
     from omegaconf import OmegaConf
@@ -299,7 +300,7 @@ def preflight(cfg: DictConfig, hf_config, mesh: MeshShape, device_type: str, dev
                 candidate = OmegaConf.merge(candidate, {"global_train_batch_size": batch})
             if candidate.global_train_batch_size % candidate_mesh.data_parallel:
                 continue
-            if host_bytes_needed(candidate, hf_config, candidate_mesh) <= available:
+            if host_bytes_needed(model_plan.replace(cfg=candidate, mesh_shape=candidate_mesh)) <= available:
                 prefix = "" if devices == mesh.num_devices else "CPU_NUM_DEVICES=1 "
                 suggestion = prefix + " ".join(overrides)
                 break
@@ -325,7 +326,10 @@ def _plan(argv: list[str]) -> None:
     if not argv or argv[0].startswith("-") or "=" in argv[0]:
         raise UserError("usage: python -m clm.plan TOPOLOGY [overrides], e.g. python -m clm.plan v5p-256 +experiment=gbs256_tpu")
     topology = parse_topology(argv[0])
-    print_plan(load_config(argv[1:], num_devices=topology.chips), topology)
+    cfg = load_config(argv[1:], num_devices=topology.chips)
+    slices = topology.slices if cfg.num_slices == -1 else cfg.num_slices
+    mesh = mesh_shape(topology.chips, cfg.tensor_parallelism, cfg.expert_parallelism, slices)
+    print_plan(ModelPlan.from_config(cfg, mesh), topology)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ from tqdm import tqdm
 from clm import checkpoint, data, parallel, plan, runtime, storage
 from clm.checkpoint import Checkpointer, RNGState
 from clm.errors import EXIT_OK, EXIT_PREEMPTED
-from clm.model.build import build_sharded_model, check_model
-from clm.model.config import load_model_config
+from clm.model.build import build_sharded_model
+from clm.model.plan import ModelPlan
 from clm.observe import console
 from clm.observe.run_log import RunLog, Summary, print_summary
 from clm.optim import build_optimizer, build_scheduler, prime_optimizer, warmup_steps
@@ -58,17 +58,19 @@ class Trainer:
     """Build (everything from the config; nothing written) -> restore (a checkpoint, when
     resuming) -> start (files, data thread, SIGTERM handler) -> train -> close (always)."""
 
-    def __init__(self, cfg: DictConfig, hf_config, mesh_shape: parallel.MeshShape, resume_from: str | None = None):
+    def __init__(self, model_plan: ModelPlan, resume_from: str | None = None):
+        """`model_plan`: the run's model, checked (clm.model.plan); its cfg is the run's config."""
         import torch_xla.distributed.spmd as xs
 
+        cfg = model_plan.cfg
         runtime.setup(cfg.local_compile_cache_dir, cfg.full_precision, cfg.xla_compile_analysis)
-        self.cfg, self.hf_config, self.resume_from = cfg, hf_config, resume_from
+        self.cfg, self.model_plan, self.resume_from = cfg, model_plan, resume_from
         self.is_main = runtime.is_main_process()
         self.resolved_config = redact(OmegaConf.to_container(cfg, resolve=True))  # no secret reaches a file or W&B
         self.log = RunLog(cfg, self.resolved_config, enabled=self.is_main)  # init starts (MLPerf's clock)
 
-        self.tokenizer = data.tokenizer_for(cfg, hf_config.vocab_size)  # None for pre-tokenized data
-        self.model = build_sharded_model(cfg, mesh_shape, hf_config)
+        self.tokenizer = data.tokenizer_for(cfg, model_plan.hf_config.vocab_size)  # None for pre-tokenized data
+        self.model = build_sharded_model(model_plan)
         # Several hosts each pass their own rows (minibatch); one host passes the whole batch.
         self.input_sharding = xs.ShardingSpec(self.model.mesh, parallel.batch_spec(),
                                               minibatch=runtime.process_count() > 1)
@@ -85,9 +87,8 @@ class Trainer:
         self.train_batches = data.build_train_stream(cfg, self.tokenizer, **process)
         self.eval_set = data.build_eval_set(cfg, self.tokenizer, **process)
         self.log.run_config(optimizer_defaults=self.optimizer.defaults, warmup_steps=warmup_steps(cfg.sched),
-                            eval_samples=self.eval_set.num_blocks, hf_config=hf_config,
-                            num_params=sum(p.numel() for p in self.model.parameters()),
-                            num_devices=mesh_shape.num_devices)
+                            eval_samples=self.eval_set.num_blocks, model_plan=model_plan,
+                            num_devices=model_plan.mesh_shape.num_devices)
         self.loop = LoopState()
         self.checkpointer = Checkpointer(cfg, self.model.module, self.optimizer, process_index=runtime.process_index(),
                                          host_state={"loop": self.loop, "scheduler": self.scheduler,
@@ -271,16 +272,15 @@ def train(cfg: DictConfig) -> Summary:
     resume_from = checkpoint.resume_directory(cfg)
     if resume_from:
         checkpoint.check_config_matches(cfg, resume_from)
-    hf_config = load_model_config(cfg)
     slices = parallel.runtime_num_slices() if cfg.num_slices == -1 else cfg.num_slices
     mesh_shape = parallel.mesh_shape(num_devices, cfg.tensor_parallelism, cfg.expert_parallelism, slices)
-    check_model(cfg, hf_config, mesh_shape)
+    model_plan = ModelPlan.from_config(cfg, mesh_shape)  # the model, built on meta and checked once for the run
     parallel.check_multihost_input(mesh_shape)
-    plan.preflight(cfg, hf_config, mesh_shape, runtime.device_type(), runtime.device_kind())
+    plan.preflight(model_plan, runtime.device_type(), runtime.device_kind())
     # Last, since they create the directories when they can.
     storage.check_writable(cfg.run_dir, "output_dir")
     storage.check_writable(cfg.checkpoint_dir, "checkpoint_dir")
-    trainer = Trainer(cfg, hf_config, mesh_shape, resume_from)
+    trainer = Trainer(model_plan, resume_from)
     try:
         trainer.restore()
         trainer.start()

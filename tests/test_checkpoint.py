@@ -98,7 +98,7 @@ REPORTING_STATE = {"metrics": {"rows", "last_step"}, "mlperf": {"lines", "block_
 
 
 def test_host_state_keeps_the_names_and_format_that_earlier_checkpoints_have(tmp_path, uninterrupted):
-    from clm.model.config import load_model_config
+    from clm.model.plan import ModelPlan
     from clm.parallel import mesh_shape
     from clm.train import Trainer
 
@@ -108,7 +108,7 @@ def test_host_state_keeps_the_names_and_format_that_earlier_checkpoints_have(tmp
     for name, keys in REPORTING_STATE.items():
         assert set(host[name]) == keys, name
     cfg = config(tmp_path)
-    trainer = Trainer(cfg, load_model_config(cfg), mesh_shape(runtime.device_count(), 1, 1, 1), str(step_dir))
+    trainer = Trainer(ModelPlan.from_config(cfg, mesh_shape(runtime.device_count(), 1, 1, 1)), str(step_dir))
     try:
         trainer.restore()
     finally:
@@ -182,10 +182,11 @@ def built(cfg):
     """The model of cfg on its mesh with AdamW's state primed, as a run's start has them."""
     from clm import parallel
     from clm.model.build import build_sharded_model
+    from clm.model.plan import ModelPlan
     from clm.optim import build_optimizer, prime_optimizer
 
     shape = parallel.mesh_shape(runtime.device_count(), cfg.tensor_parallelism, cfg.expert_parallelism, 1)
-    model = build_sharded_model(cfg, shape).module
+    model = build_sharded_model(ModelPlan.from_config(cfg, shape)).module
     optimizer = build_optimizer(cfg, model)
     prime_optimizer(optimizer)
     return model, optimizer

@@ -36,6 +36,7 @@ from clm.cli import run_command
 from clm.errors import EXIT_USER_ERROR
 from clm.model import moe
 from clm.model.build import build_sharded_model
+from clm.model.plan import ModelPlan
 from clm.parallel.placement import place
 from families import FAMILIES, MOE_FAMILIES, family_config, write_family
 
@@ -66,7 +67,7 @@ def build(directory: Path, *overrides: str, tensor: int = 1, expert: int = 1, de
     runtime.setup(None, False)
     cfg = model_config(directory, *overrides, f"tensor_parallelism={tensor}", f"expert_parallelism={expert}",
                        devices=devices)
-    model = build_sharded_model(cfg, parallel.mesh_shape(devices, tensor, expert, 1))
+    model = build_sharded_model(ModelPlan.from_config(cfg, parallel.mesh_shape(devices, tensor, expert, 1)))
     reference = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, cfg.model.dtype))
     state = reference.state_dict()
     for name, placement in model.placements.items():
@@ -158,7 +159,7 @@ def mesh_models(family_dirs):
             logger.setLevel(logging.INFO)
             initialized = init.initialized["parameters"]
             try:
-                model = build_sharded_model(cfg, parallel.mesh_shape(8, tensor, expert, 1))
+                model = build_sharded_model(ModelPlan.from_config(cfg, parallel.mesh_shape(8, tensor, expert, 1)))
             finally:
                 logger.removeHandler(handler)
                 logger.setLevel(level)
@@ -774,9 +775,8 @@ ATTENTION_BY_HAND = {
 
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_flops_per_token_against_the_model_and_attention_by_hand(model_type):
-    from clm.metrics import active_matmul_weights, reference_flops_per_token, training_flops_per_token
     from clm.model.config import meta_model
-    from clm.model.family import num_experts
+    from clm.model.family import active_matmul_weights, num_experts, reference_flops_per_token, training_flops_per_token
 
     config = family_config(model_type)
     assert active_matmul_weights(config) == counted_matmul_weights(config)
@@ -812,8 +812,8 @@ PRESET_PARAMETERS_B = {"mixtral_8x7b": 46.70, "mixtral_8x22b": 140.62, "qwen3_30
 
 @pytest.mark.parametrize("preset", PRESET_PLANS)
 def test_plan_for_every_preset_with_no_download(preset, capsys):
-    from clm.metrics import training_flops_per_token
     from clm.model.config import load_model_config
+    from clm.model.family import training_flops_per_token
     from clm.plan import main, parse_topology
 
     topology, *overrides = PRESET_PLANS[preset]
@@ -839,7 +839,7 @@ if __name__ == "__main__":
         for model_type, directory in json.loads(directories).items():
             moe_knobs = ["model.capacity_factor=0"] if model_type in MOE_FAMILIES else []
             cfg = model_config(Path(directory), f"model.name_or_path={directory}", *moe_knobs, devices=1)
-            model = build_sharded_model(cfg, parallel.mesh_shape(1, 1, 1, 1))
+            model = build_sharded_model(ModelPlan.from_config(cfg, parallel.mesh_shape(1, 1, 1, 1)))
             torch.save(device_state(model), Path(out) / f"{model_type}.state.pt")
             logits, loss = clm_forward(model, tokens(0))
             torch.save({"logits": logits, "loss": loss}, Path(out) / f"{model_type}.pt")

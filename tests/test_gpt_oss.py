@@ -71,6 +71,7 @@ def test_init_scales_the_output_projections_as_megatron():
 
     from clm import parallel, runtime
     from clm.model.build import build_sharded_model
+    from clm.model.plan import ModelPlan
 
     runtime.setup(None, False)
     config = AutoConfig.for_model("mlperf_gpt_oss", vocab_size=1024, hidden_size=256, intermediate_size=256,
@@ -78,7 +79,7 @@ def test_init_scales_the_output_projections_as_megatron():
                                   num_key_value_heads=2, head_dim=64, num_experts=4, num_experts_per_tok=2,
                                   layer_types=["sliding_attention", "full_attention"] * 3, initializer_range=0.008)
     cfg = load_config(["max_length=32"], num_devices=8)
-    model = build_sharded_model(cfg, parallel.mesh_shape(8, 1, 1, 1), config)
+    model = build_sharded_model(ModelPlan.from_config(cfg, parallel.mesh_shape(8, 1, 1, 1), hf_config=config))
     stds = {name: p.detach().cpu().float().std().item() for name, p in model.named_parameters() if p.dim() > 1}
     scaled = 0.008 / (2 * 6) ** 0.5
     for name, std in stds.items():
@@ -93,13 +94,15 @@ def test_step0_equals_transformers_with_the_sliding_window_in_force():
 
     from clm import parallel, runtime
     from clm.model.build import build_sharded_model
+    from clm.model.plan import ModelPlan
 
     runtime.setup(None, False)
     fields = dict(vocab_size=512, hidden_size=32, intermediate_size=24, moe_intermediate_size=24, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=8, num_experts_per_tok=4,
                   sliding_window=5, layer_types=["sliding_attention", "full_attention"], router_aux_loss_coef=0.0)
     cfg = load_config(["model.capacity_factor=0", "max_length=16", "global_train_batch_size=8"], num_devices=8)
-    model = build_sharded_model(cfg, parallel.mesh_shape(8, 1, 2, 1), AutoConfig.for_model("mlperf_gpt_oss", **fields))
+    model = build_sharded_model(ModelPlan.from_config(cfg, parallel.mesh_shape(8, 1, 2, 1),
+                                                      hf_config=AutoConfig.for_model("mlperf_gpt_oss", **fields)))
     assert model.attention.implementation == "sdpa"  # a window of 5 < 16: the flash kernel has none
     input_ids = torch.randint(0, 512, (8, 16), generator=torch.Generator().manual_seed(0))
     logits = model(input_ids.to(torch_xla.device())).cpu()

@@ -17,6 +17,7 @@ from clm import parallel, runtime
 from clm.config import load_config
 from clm.model import grouped_matmul, mlperf_gpt_oss
 from clm.model.build import build_sharded_model
+from clm.model.plan import ModelPlan
 
 xr.global_runtime_device_count()  # start XLA's runtime before any CPU backward (see test_moe.py)
 
@@ -66,7 +67,8 @@ def build(fsdp: int, expert: int, tensor: int):
                        f"expert_parallelism={expert}", f"tensor_parallelism={tensor}"], num_devices=8)
     shape = parallel.mesh_shape(8, tensor, expert, 1)
     assert (shape.fsdp, shape.expert, shape.tensor) == (fsdp, expert, tensor)
-    return build_sharded_model(cfg, shape, tiny_config())  # the same weights on any mesh (clm.model.init)
+    # the same weights on any mesh (clm.model.init)
+    return build_sharded_model(ModelPlan.from_config(cfg, shape, hf_config=tiny_config()))
 
 
 def loss_and_grads(model):

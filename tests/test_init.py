@@ -28,11 +28,12 @@ def build(overrides: list[str]):
     from clm import parallel, runtime
     from clm.config import load_config
     from clm.model.build import build_sharded_model
+    from clm.model.plan import ModelPlan
 
     cfg = load_config(["model.dtype=float32", *overrides], num_devices=runtime.device_count)
     runtime.setup(None, False)
     shape = parallel.mesh_shape(runtime.device_count(), cfg.tensor_parallelism, cfg.expert_parallelism, 1)
-    return cfg, build_sharded_model(cfg, shape)
+    return cfg, build_sharded_model(ModelPlan.from_config(cfg, shape))
 
 
 @pytest.fixture(scope="module")
@@ -98,10 +99,10 @@ def test_init_host_memory_is_bounded_by_one_parameter_for_any_device_count(tmp_p
 def _plan_inputs(overrides: list[str], devices: int = 4):
     from clm import parallel
     from clm.config import load_config
-    from clm.model.config import load_model_config
+    from clm.model.plan import ModelPlan
 
     cfg = load_config(overrides, num_devices=devices)
-    return cfg, load_model_config(cfg), parallel.mesh_shape(devices, cfg.tensor_parallelism, cfg.expert_parallelism, 1)
+    return ModelPlan.from_config(cfg, parallel.mesh_shape(devices, cfg.tensor_parallelism, cfg.expert_parallelism, 1))
 
 
 # The MLPerf reference's v4-8 dry-run command line, as a new user runs it on a CPU box.
@@ -115,11 +116,11 @@ def test_preflight_refuses_a_cpu_run_that_cannot_fit_and_names_one_that_does(ava
     from clm.plan import host_bytes_needed, preflight
 
     available = available_gb * GB
-    cfg, hf_config, mesh = _plan_inputs(REFERENCE_DRY_RUN)
+    model_plan = _plan_inputs(REFERENCE_DRY_RUN)
     # fp32 AdamW for mixtral80 alone: parameters, gradients and two moments, 4 x 6.85 GB.
-    assert host_bytes_needed(cfg, hf_config, mesh) > 27.4 * GB
+    assert host_bytes_needed(model_plan) > 27.4 * GB
     with pytest.raises(UserError) as caught:
-        preflight(cfg, hf_config, mesh, "CPU", "CPU", available_bytes=available)
+        preflight(model_plan, "CPU", "CPU", available_bytes=available)
     message = str(caught.value)
     assert "\n" not in message
     assert "needs about" in message and f"{available_gb:.1f} GB is available" in message and "float32" in message
@@ -128,26 +129,26 @@ def test_preflight_refuses_a_cpu_run_that_cannot_fit_and_names_one_that_does(ava
     if suggestion[0] == "CPU_NUM_DEVICES=1":
         devices, suggestion = 1, suggestion[1:]
     # The suggested command fits by the same estimate, and passes the pre-flight.
-    fixed, _, fixed_mesh = _plan_inputs(REFERENCE_DRY_RUN + suggestion, devices=devices)
-    assert host_bytes_needed(fixed, hf_config, fixed_mesh) <= available
-    preflight(fixed, hf_config, fixed_mesh, "CPU", "CPU", available_bytes=available)
+    fixed = _plan_inputs(REFERENCE_DRY_RUN + suggestion, devices=devices)
+    assert host_bytes_needed(fixed) <= available
+    preflight(fixed, "CPU", "CPU", available_bytes=available)
 
 
 def test_preflight_without_any_fitting_setting_says_so():
     from clm.errors import UserError
     from clm.plan import preflight
 
-    cfg, hf_config, mesh = _plan_inputs(REFERENCE_DRY_RUN)
+    model_plan = _plan_inputs(REFERENCE_DRY_RUN)
     with pytest.raises(UserError, match="no smaller setting of this model fits; use a smaller model"):
-        preflight(cfg, hf_config, mesh, "CPU", "CPU", available_bytes=4 * GB)
+        preflight(model_plan, "CPU", "CPU", available_bytes=4 * GB)
 
 
 def test_preflight_on_tpu_only_warns(capsys):
     from clm.plan import preflight
 
-    cfg, hf_config, mesh = _plan_inputs(["+experiment=gbs256_tpu", "global_train_batch_size=4",
-                                         "global_eval_batch_size=4"], devices=4)
-    preflight(cfg, hf_config, mesh, "TPU", "v4", available_bytes=1)
+    model_plan = _plan_inputs(["+experiment=gbs256_tpu", "global_train_batch_size=4", "global_eval_batch_size=4"],
+                              devices=4)
+    preflight(model_plan, "TPU", "v4", available_bytes=1)
     assert "warning: the planner estimates" in capsys.readouterr().err
 
 

@@ -370,6 +370,7 @@ def test_capacity_with_pass_through_under_expert_parallel_spmd(tmp_path):
     from clm import parallel
     from clm.config import load_config
     from clm.model.build import build_sharded_model
+    from clm.model.plan import ModelPlan
     from clm.parallel.placement import place
 
     block, hidden, _ = forced_block_and_input(1.25)
@@ -381,7 +382,7 @@ def test_capacity_with_pass_through_under_expert_parallel_spmd(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(tiny_config().to_dict()))
     cfg = load_config([f"model.config_path={tmp_path / 'config.json'}", "expert_parallelism=4", "max_length=24"],
                       num_devices=8)
-    model = build_sharded_model(cfg, parallel.mesh_shape(8, 1, 4, 1))
+    model = build_sharded_model(ModelPlan.from_config(cfg, parallel.mesh_shape(8, 1, 4, 1)))
     for name, value in block.state_dict().items():  # the forced weights into layer 0's block
         full_name = f"model.layers.0.mlp.{name}"
         place(model.module.get_parameter(full_name), model.placements[full_name], lambda index: value[index])

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from clm.compliance import check
-from clm.metrics import MetricsWriter, training_flops_per_token
+from clm.metrics import MetricsWriter
+from clm.model.family import training_flops_per_token
 from clm.observe.mlperf import MLPerfLogger
 from clm.observe.recompiles import parse_analysis
 from clm.secrets import REDACTED, is_secret_name, redact, redact_text

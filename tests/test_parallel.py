@@ -84,12 +84,13 @@ def test_activation_checkpointing_keeps_every_gradient_including_the_routers():
 
     from clm import runtime
     from clm.model.build import build_sharded_model
+    from clm.model.plan import ModelPlan
 
     runtime.setup(None, False)
     grads = {}
     for checkpointed in (False, True):
         cfg = load_config([f"model.fsdp_config.xla_fsdp_grad_ckpt={checkpointed}", "max_length=32"], num_devices=8)
-        model = build_sharded_model(cfg, parallel.mesh_shape(8, 1, 1, 1))
+        model = build_sharded_model(ModelPlan.from_config(cfg, parallel.mesh_shape(8, 1, 1, 1)))
         input_ids = torch.arange(8 * 32).reshape(8, 32).remainder(1000).to(torch_xla.device())
         labels = input_ids.roll(-1, dims=1)  # already shifted, as clm's data gives them
         terms = model.loss_terms(input_ids, labels, cfg.pad_token_id)
@@ -108,12 +109,13 @@ def tile_shapes(overrides: list[str]) -> dict[str, str]:
 
     from clm import runtime
     from clm.model.build import build_sharded_model
+    from clm.model.plan import ModelPlan
 
     runtime.setup(None, False)
     cfg = load_config(overrides, num_devices=8)
     shape = parallel.mesh_shape(8, cfg.tensor_parallelism, cfg.expert_parallelism,
                                 1 if cfg.num_slices == -1 else cfg.num_slices)
-    model = build_sharded_model(cfg, shape)
+    model = build_sharded_model(ModelPlan.from_config(cfg, shape))
     tiles = {}
     for name, param in model.named_parameters():
         kind = re.sub(r"^model\.layers\.\d+\.", "", name)

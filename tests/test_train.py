@@ -96,10 +96,10 @@ def test_after_warmup_no_recompilation_and_no_host_transfer_outside_log_steps(tm
     log step's values leave the device in one transfer, inside its asynchronous closure."""
     cfg = config(tmp_path, "max_steps=20", "log_frequency=3", "eval_frequency=100", "do_first_eval=false",
                  "gradient_accumulation_steps=2", "global_train_batch_size=16", "wandb.mode=disabled")
-    from clm.model.config import load_model_config
+    from clm.model.plan import ModelPlan
     from clm.parallel import mesh_shape
 
-    trainer = Trainer(cfg, load_model_config(cfg), mesh_shape(runtime.device_count(), 1, 1, 1))
+    trainer = Trainer(ModelPlan.from_config(cfg, mesh_shape(runtime.device_count(), 1, 1, 1)))
     for _ in range(2):  # warm-up: a step without, then with optimizer state
         trainer.train_step()
     runtime.wait_for_async_closures()
@@ -122,11 +122,11 @@ def test_a_rows_time_is_when_its_steps_values_reached_the_host(tmp_path):
     times (and tokens/s) are the differences of those stamps. Order of events only, no speeds."""
     import torch_xla.core.xla_model as xm
 
-    from clm.model.config import load_model_config
+    from clm.model.plan import ModelPlan
     from clm.parallel import mesh_shape
 
     cfg = config(tmp_path, "max_steps=10", "eval_frequency=100", "do_first_eval=false", "wandb.mode=disabled")
-    trainer = Trainer(cfg, load_model_config(cfg), mesh_shape(runtime.device_count(), 1, 1, 1))
+    trainer = Trainer(ModelPlan.from_config(cfg, mesh_shape(runtime.device_count(), 1, 1, 1)))
     try:
         for _ in range(2):
             trainer.train_step()
@@ -153,13 +153,13 @@ def test_a_rows_time_is_when_its_steps_values_reached_the_host(tmp_path):
 def test_checkpoint_manager_path_starts_from_the_saved_weights(tmp_path):
     """The reference's initial-weights checkpoint: CheckpointManager.save(0, {"model": ...})."""
     from clm.checkpoint import checkpoint_manager
-    from clm.model.config import load_model_config
+    from clm.model.plan import ModelPlan
     from clm.parallel import mesh_shape
 
     def build(output_dir, *overrides):
         # Without priming, whose weight decay would move the weights after the load.
         cfg = config(output_dir, *overrides, "prime_optimizer=false")
-        trainer = Trainer(cfg, load_model_config(cfg), mesh_shape(runtime.device_count(), 1, 1, 1))
+        trainer = Trainer(ModelPlan.from_config(cfg, mesh_shape(runtime.device_count(), 1, 1, 1)))
         trainer.train_batches.close()
         return {name: p.detach().cpu() for name, p in trainer.model.named_parameters()}, trainer
 

@@ -167,10 +167,11 @@ def _copy(hub_dir: Path, tmp_path: Path) -> Path:
 def _config_error(overrides: list[str]) -> str:
     from clm.config import load_config
     from clm.errors import UserError
-    from clm.model.config import load_model_config
+    from clm.model.plan import ModelPlan
+    from clm.parallel import MeshShape
 
     with pytest.raises(UserError) as caught:
-        load_model_config(load_config(overrides, num_devices=8))
+        ModelPlan.from_config(load_config(overrides, num_devices=8), MeshShape(1, 8, 1, 1))
     message = str(caught.value)
     assert "\n" not in message
     return message
@@ -215,10 +216,12 @@ def test_config_path_and_name_or_path_must_agree(hub_dir):
     assert "disagree on" in message and "hidden_size" in message and "intermediate_size" in message
     assert "model.config_path=null" in message
     from clm.config import load_config
-    from clm.model.config import load_model_config
+    from clm.model.plan import ModelPlan
+    from clm.parallel import MeshShape
 
     # The shipped tiny config is the same architecture: no complaint.
-    load_model_config(load_config([f"model.name_or_path={hub_dir}", "model.config_path=mixtral_tiny.json"], num_devices=8))
+    ModelPlan.from_config(load_config([f"model.name_or_path={hub_dir}", "model.config_path=mixtral_tiny.json"],
+                                      num_devices=8), MeshShape(1, 8, 1, 1))
 
 
 def test_bad_weights_exit_2_with_one_line_before_anything_is_written(tmp_path, hub_dir):
@@ -293,11 +296,12 @@ def _build(overrides: list[str]):
     from clm.config import load_config
     from clm.model import init
     from clm.model.build import build_sharded_model
+    from clm.model.plan import ModelPlan
 
     cfg = load_config(overrides, num_devices=runtime.device_count)
     runtime.setup(None, cfg.full_precision)
     shape = parallel.mesh_shape(runtime.device_count(), cfg.tensor_parallelism, cfg.expert_parallelism, 1)
-    model = build_sharded_model(cfg, shape)
+    model = build_sharded_model(ModelPlan.from_config(cfg, shape))
     if cfg.checkpoint_manager_path:
         checkpoint.restore_model_weights(model.module, cfg.checkpoint_manager_path)
     return cfg, model, {"init_parameters": init.initialized["parameters"]}
@@ -379,18 +383,20 @@ if __name__ == "__main__":
         from clm import parallel, runtime
         from clm.config import load_config
         from clm.model import weights
-        from clm.model.config import load_model_config, meta_model
+        from clm.model.config import meta_model
+        from clm.model.plan import ModelPlan
 
         cfg = load_config(rest, num_devices=runtime.device_count)
         runtime.setup(None, False)
         shape = parallel.mesh_shape(runtime.device_count(), 1, 1, 1)
         mesh = parallel.build_mesh(shape)
-        model = meta_model(load_model_config(cfg))
+        model_plan = ModelPlan.from_config(cfg, shape)
+        model = meta_model(model_plan.hf_config)
         model.to_empty(device=torch_xla.device())
-        placements = parallel.shard_parameters(model, mesh, cfg.sharding, shape)
+        placements = parallel.shard_parameters(model, mesh, model_plan.shardings)
         before = _rss()
         _reset_peak()
-        stats = weights.load(model, placements, weights.HubCheckpoint(cfg.model.name_or_path), progress=False)
+        stats = weights.load(model, placements, model_plan.checkpoint, progress=False)
         peak = _peak_rss() - before
         device_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         print(json.dumps({"peak_bytes": peak, "device_bytes": device_bytes, "bytes_read": stats.bytes_read}))

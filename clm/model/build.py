@@ -1,11 +1,13 @@
 """Build any transformers decoder-only causal LM for a mesh: `build_sharded_model` -> ShardedModel.
 
-The one way to build a sharded model (trainer, convert, benchmarks, tests). The model is
-transformers' own `AutoModelForCausalLM` class, created on the meta device and moved to XLA
-empty; every parameter (and persistent buffer) is annotated with its sharding from the
-family's rule table (clm/conf/sharding), then filled one at a time, each device receiving
-only its slice, so a full-size model never exists on one host: pretrained weights when
-model.name_or_path is set, else transformers' random init (clm.model.init). Never both.
+The one way to build a sharded model (trainer, convert, benchmarks, tests), from the model
+plan (clm.model.plan.ModelPlan), which has checked the config against the model and the mesh.
+The model is transformers' own `AutoModelForCausalLM` class, created on the meta device and
+moved to XLA empty; every parameter (and persistent buffer) is annotated with the sharding
+the plan worked out from the family's rule table (clm/conf/sharding), then filled one at a
+time, each device receiving only its slice, so a full-size model never exists on one host:
+pretrained weights when model.name_or_path is set, else transformers' random init
+(clm.model.init). Never both.
 
 What the model needs for its mesh belongs to the ShardedModel, not to transformers' modules
 or config, and not to module globals: the MoE settings and routing records (clm.model.moe.
@@ -17,26 +19,21 @@ registered function each) and its gradient-checkpointing hook for activation che
 
 from __future__ import annotations
 
-import copy
 import logging
 import re
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from types import MethodType
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 
 from clm import parallel
-from clm.errors import UserError
-from clm.model import attention, family, grouped_matmul, init, moe
+from clm.model import attention, grouped_matmul, init, moe, weights
 from clm.model.config import meta_model
+from clm.model.plan import ModelPlan
 
 logger = logging.getLogger(__name__)
-
-MODEL_DEFAULTS = Path(__file__).resolve().parents[1] / "conf" / "model" / "blank_model.yaml"
 
 
 @dataclass
@@ -149,98 +146,32 @@ class ShardedModel:
 # ------------------------------------------------------------------------------ building
 
 
-def check_model(cfg: DictConfig, hf_config, mesh_shape: parallel.MeshShape):
-    """Everything about the model that can be wrong in the config, before anything is written
-    or compiled: the mesh against heads and experts, MoE knobs on a dense model, the sharding
-    rules against every parameter, the knobs that need a routing correction bias or named
-    layer classes. Returns the meta-device model it checked."""
-    parallel.check_model_fits_mesh(mesh_shape, hf_config)
-    check_moe_knobs(cfg, hf_config)
-    model = meta_model(hf_config)
-    parallel.plan_model(model, cfg.sharding, mesh_shape)
-    if cfg.model.router_bias_update and not any(
-            hasattr(m, moe.CORRECTION_BIAS) for m in model.modules()):
-        raise UserError(
-            f"model.router_bias_update=true: {hf_config.model_type} has no routing correction bias "
-            f"({moe.CORRECTION_BIAS}, as DeepSeek-V3 has); use model.router_bias_update=false"
-        )
-    if cfg.model.fsdp_config.xla_fsdp_grad_ckpt:
-        check_checkpointed_layer_classes(model, cfg.model.fsdp_config.fsdp_transformer_layer_cls_to_wrap)
-    return model
-
-
-def check_moe_knobs(cfg: DictConfig, hf_config) -> None:
-    """MoE knobs mean nothing on a dense model: say so rather than ignore them."""
-    if family.is_moe(hf_config):
-        return
-    default = OmegaConf.load(MODEL_DEFAULTS).capacity_factor
-    if cfg.model.capacity_factor != default:
-        raise UserError(
-            f"model.capacity_factor={cfg.model.capacity_factor}: {hf_config.model_type} is a dense model (no "
-            f"experts); leave model.capacity_factor at its default ({default})"
-        )
-    if cfg.expert_parallelism > 1:
-        raise UserError(
-            f"expert_parallelism={cfg.expert_parallelism}: {hf_config.model_type} is a dense model (no experts); "
-            "use expert_parallelism=1"
-        )
-
-
-def check_checkpointed_layer_classes(model, class_names) -> None:
-    """The layers activation checkpointing recomputes are those of transformers' checkpointable
-    layers (its GradientCheckpointingLayer: the decoder layers) whose class the reference's knob
-    names: every name must be one of them."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    available = sorted({type(m).__name__ for m in model.modules() if isinstance(m, GradientCheckpointingLayer)})
-    unknown = [name for name in class_names if name not in available]
-    if unknown or not class_names:
-        raise UserError(
-            f"model.fsdp_config.fsdp_transformer_layer_cls_to_wrap={list(class_names)}: "
-            f"{type(model).__name__}'s checkpointable layers are {available}; use {available}"
-        )
-
-
-def build_sharded_model(cfg: DictConfig, mesh_shape: parallel.MeshShape, hf_config=None) -> ShardedModel:
-    """The model of cfg.model on a mesh of `mesh_shape`, sharded, filled and ready to train.
-
-    `hf_config` defaults to clm.model.config.load_model_config(cfg); it is copied, never changed.
-    """
+def build_sharded_model(model_plan: ModelPlan) -> ShardedModel:
+    """The model of a checked plan (clm.model.plan.ModelPlan) on its mesh, sharded, filled and ready to train."""
     import torch_xla
 
-    if hf_config is None:
-        from clm.model.config import load_model_config
-
-        hf_config = load_model_config(cfg)
-    hf_config = copy.deepcopy(hf_config)
-    # The router logits clm records itself; transformers' own recording would make the
-    # forward compute the aux loss with torch.histc, which fails on XLA.
-    hf_config.output_router_logits = False
-    hf_config.use_cache = False
-    is_moe = family.is_moe(hf_config)
-    if is_moe:
-        hf_config._experts_implementation = moe.EXPERTS_IMPLEMENTATION
-    module = check_model(cfg, hf_config, mesh_shape)
-    choice = attention.select(module, cfg.model.flash_attention, cfg.max_length)
-    module.set_attn_implementation(choice.implementation)
-    logger.info("attention: %s", choice.reason)
+    cfg, mesh_shape = model_plan.cfg, model_plan.mesh_shape
+    # A meta model of its own, not the plan's: to_empty below moves this one onto the device in
+    # place, while the plan's stays the description the planner and the checks read. Built from
+    # the plan's checked config; the checks are not rerun.
+    module = meta_model(model_plan.hf_config)
+    module.set_attn_implementation(model_plan.attention.implementation)
+    logger.info("attention: %s", model_plan.attention.reason)
 
     _cast(module, getattr(torch, cfg.model.dtype))
     module.to_empty(device=torch_xla.device())
     module.tie_weights()  # to_empty gives every parameter its own storage, tied ones too
 
     mesh = parallel.build_mesh(mesh_shape)
-    placements = parallel.shard_parameters(module, mesh, cfg.sharding, mesh_shape)
+    placements = parallel.shard_parameters(module, mesh, model_plan.shardings)
     init.initialize_buffers(module, placements)
-    if cfg.model.name_or_path:
-        from clm.model import weights
-
-        weights.load(module, placements, weights.HubCheckpoint(cfg.model.name_or_path))
+    if model_plan.checkpoint is not None:
+        weights.load(module, placements, model_plan.checkpoint)
     else:
         init.initialize_parameters(module, placements, cfg.seed)
 
     routing = None
-    if is_moe:
+    if model_plan.is_moe:
         from torch_xla.distributed.spmd.xla_sharding import MarkShardingFunction
 
         spec = parallel.expert_activation_spec()
@@ -252,13 +183,13 @@ def build_sharded_model(cfg: DictConfig, mesh_shape: parallel.MeshShape, hf_conf
             # split of these buffers trips an assertion in XLA's SPMD partitioner.
             return MarkShardingFunction.apply(tensor, mesh, spec) if tensor.shape[0] % batch_shards == 0 else tensor
 
-        routing = moe.Routing(module, cfg.model.capacity_factor, constrain=constrain,
-                              dropless=grouped_matmul.dropless_experts(module, cfg.model.capacity_factor, mesh,
+        routing = moe.Routing(module, model_plan.capacity_factor, constrain=constrain,
+                              dropless=grouped_matmul.dropless_experts(module, model_plan.capacity_factor, mesh,
                                                                        mesh_shape))
     if cfg.model.fsdp_config.xla_fsdp_grad_ckpt:
         enable_activation_checkpointing(module, routing, cfg.model.fsdp_config.fsdp_transformer_layer_cls_to_wrap)
-    rate = cfg.model.router_bias_update_rate if cfg.model.router_bias_update else None
-    return ShardedModel(module, mesh, mesh_shape, placements, routing, choice, rate)
+    return ShardedModel(module, mesh, mesh_shape, placements, routing, model_plan.attention,
+                        model_plan.router_bias_update_rate)
 
 
 def _cast(module, dtype: torch.dtype) -> None:

@@ -18,6 +18,7 @@ from transformers import PretrainedConfig
 
 from clm.errors import UserError
 from clm.model import mlperf_gpt_oss  # noqa: F401  (registers model_type mlperf_gpt_oss with transformers)
+from clm.model import weights
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 # Fields of config.json that say nothing about the architecture.
@@ -40,16 +41,17 @@ def resolve_config_path(path: str) -> Path:
     )
 
 
-def load_model_config(cfg: DictConfig) -> PretrainedConfig:
+def load_model_config(cfg: DictConfig, checkpoint: weights.HubCheckpoint | None = None) -> PretrainedConfig:
     """The transformers config for cfg.model, checked against the run's sequence length.
 
-    With model.name_or_path set, the architecture is that directory's config.json (and its
-    weights are checked against it, from the file headers); model.config_path, if also
-    given, must agree with it.
+    With model.name_or_path set, the architecture is that directory's config.json (`checkpoint`,
+    the directory opened already, else opened here); model.config_path, if also given, must agree
+    with it. Its weights are checked against the model by the model plan (clm.model.plan), which
+    builds the model this needs.
     """
-    from clm.model import weights
-
-    fields, knob = _architecture_fields(cfg)
+    if checkpoint is None and cfg.model.name_or_path:
+        checkpoint = weights.HubCheckpoint(cfg.model.name_or_path)
+    fields, knob = _architecture_fields(cfg, checkpoint)
     hf_config = config_from_fields(fields, knob)
 
     limit = getattr(hf_config, "max_position_embeddings", None)
@@ -57,9 +59,6 @@ def load_model_config(cfg: DictConfig) -> PretrainedConfig:
         value = cfg.max_length if key == "max_length" else cfg.model.max_sequence_length
         if limit is not None and value > limit:
             raise UserError(f"{key}={value} exceeds max_position_embeddings={limit} of {knob}; use at most {limit}")
-
-    if cfg.model.name_or_path:
-        weights.HubCheckpoint(cfg.model.name_or_path).check(meta_model(hf_config))
     hf_config.use_cache = False
     return hf_config
 
@@ -128,10 +127,8 @@ def config_fields_differ(a: dict, b: dict) -> list[str]:
     return sorted(k for k in da.keys() | db.keys() if k not in NOT_ARCHITECTURE and da.get(k) != db.get(k))
 
 
-def _architecture_fields(cfg: DictConfig) -> tuple[dict, str]:
-    from clm.model import weights
-
-    pretrained = weights.HubCheckpoint(cfg.model.name_or_path).config_fields if cfg.model.name_or_path else None
+def _architecture_fields(cfg: DictConfig, checkpoint: weights.HubCheckpoint | None) -> tuple[dict, str]:
+    pretrained = checkpoint.config_fields if checkpoint is not None else None
     if not cfg.model.config_path:
         if pretrained is None:
             raise UserError(

@@ -349,6 +349,9 @@ class HubCheckpoint:
             self.config_fields = json.loads(config_file.read_text())
         except json.JSONDecodeError as e:
             raise UserError(f"{self.knob}: config.json is not valid JSON ({e})") from None
+        # Each file's header ({key: (shape, dtype)}), read at most once: the single-file layout
+        # reads it for the weight map already, and `shapes` (the check, then the load) reuses it.
+        self._headers: dict[str, dict[str, tuple[tuple[int, ...], torch.dtype]]] = {}
         self.weight_map = self._weight_map()
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self._dtypes: dict[str, torch.dtype] = {}
@@ -361,8 +364,7 @@ class HubCheckpoint:
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise UserError(f"{self.knob}: {INDEX} is not a safetensors index ({e})") from None
         elif (self.path / SINGLE).is_file():
-            with self._open(SINGLE) as f:
-                weight_map = {key: SINGLE for key in f.keys()}
+            weight_map = {key: SINGLE for key in self._header(SINGLE)}
         else:
             raise UserError(f"{self.knob}: neither {INDEX} nor {SINGLE} in it")
         for file in sorted(set(weight_map.values())):
@@ -389,16 +391,24 @@ class HubCheckpoint:
     def files(self) -> list[str]:
         return sorted(set(self.weight_map.values()))
 
+    def _header(self, file: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """{key: (shape, dtype)} of one file, from its safetensors header (no tensor data is read)."""
+        if file not in self._headers:
+            header = {}
+            with self._open(file) as f:  # a file cut short or not safetensors: one line
+                for key in f.keys():
+                    tensor = f.get_slice(key)
+                    dtype = _SAFETENSORS_DTYPES.get(tensor.get_dtype(), torch.float32)
+                    header[key] = (tuple(tensor.get_shape()), dtype)
+            self._headers[file] = header
+        return self._headers[file]
+
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Each tensor's shape from the safetensors headers (no tensor data is read)."""
         if self._shapes is None:
-            shapes = {}
-            for file in self.files:
-                with self._open(file) as f:
-                    for key in f.keys():
-                        tensor = f.get_slice(key)
-                        shapes[key] = tuple(tensor.get_shape())
-                        self._dtypes[key] = _SAFETENSORS_DTYPES.get(tensor.get_dtype(), torch.float32)
+            headers = [self._header(file) for file in self.files]
+            shapes = {key: shape for header in headers for key, (shape, _) in header.items()}
+            self._dtypes = {key: dtype for header in headers for key, (_, dtype) in header.items()}
             absent = [k for k, file in self.weight_map.items() if k not in shapes]
             if absent:
                 raise UserError(f"{self.knob}: {INDEX} names tensors that its files do not hold: {_name_list(absent)}")

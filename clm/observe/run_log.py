@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 import torch
 
 from clm import runtime
-from clm.metrics import MetricsWriter, mfu, reference_flops_per_token, training_flops_per_token
+from clm.metrics import MetricsWriter, mfu
+from clm.model.plan import ModelPlan
 from clm.observe import console
 from clm.observe.mlperf import MLPerfLogger
 from clm.observe.recompiles import RecompileWatch
@@ -135,16 +136,16 @@ class RunLog:
 
     # ------------------------------------------------------------------ run start
 
-    def run_config(self, *, optimizer_defaults: dict, warmup_steps: int, eval_samples: int, hf_config,
-                   num_params: int, num_devices: int) -> None:
-        """The built run: MLPerf's submission and hyperparameter keys, and MFU's inputs."""
+    def run_config(self, *, optimizer_defaults: dict, warmup_steps: int, eval_samples: int, model_plan: ModelPlan,
+                   num_devices: int) -> None:
+        """The built run: MLPerf's submission and hyperparameter keys, and MFU's inputs (the model
+        plan's FLOPs per token)."""
         self._devices, self._device_kind = num_devices, runtime.device_kind()
         self.mlperf.run_config(
             self.cfg, optimizer_defaults=optimizer_defaults, warmup_steps=warmup_steps, eval_samples=eval_samples,
-            aux_loss_coef=getattr(hf_config, "router_aux_loss_coef", 0.0),
+            aux_loss_coef=getattr(model_plan.hf_config, "router_aux_loss_coef", 0.0),
             platform=f"{self._device_kind}-{num_devices}")
-        self._flops = (training_flops_per_token(hf_config, self.cfg.max_length),
-                       reference_flops_per_token(hf_config, num_params))
+        self._flops = (model_plan.flops_per_token, model_plan.reference_flops_per_token)
 
     def host_state(self) -> dict:
         """What checkpoints hold of the run's reporting, under the keys checkpoints have always used."""

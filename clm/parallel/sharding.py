@@ -138,9 +138,9 @@ def plan_model(model: torch.nn.Module, table: Mapping | None, shape: MeshShape) 
                            shape, aliases=tied_aliases(model), model_type=model_type)
 
 
-def shard_parameters(model: torch.nn.Module, mesh, table: Mapping | None, shape: MeshShape) -> dict:
-    """Annotate every parameter and persistent buffer with its partition spec (before anything
-    is materialised).
+def shard_parameters(model: torch.nn.Module, mesh, shardings: Iterable[ParameterSharding]) -> dict:
+    """Annotate every parameter and persistent buffer with its partition spec from `shardings`
+    (`plan_model`'s, as the model plan holds them), before anything is materialised.
 
     Replicated ones too: a tensor without an annotation and one that a step returned as
     replicated are different inputs to XLA, so a step would compile (and round) differently
@@ -151,7 +151,7 @@ def shard_parameters(model: torch.nn.Module, mesh, table: Mapping | None, shape:
 
     tensors = model_tensors(model)
     placements = {}
-    for entry in plan_model(model, table, shape):
+    for entry in shardings:
         xs.mark_sharding(tensors[entry.name], mesh, entry.spec)
         placements[entry.name] = Placement(mesh, entry.spec)
     return placements
