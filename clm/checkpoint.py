@@ -27,6 +27,7 @@ import random
 import sys
 import warnings
 from datetime import datetime, timezone
+from typing import Callable
 
 import numpy as np
 import torch
@@ -353,10 +354,14 @@ class Checkpointer:
 
     `host_state` maps names to objects with state_dict()/load_state_dict() whose state is
     plain Python or NumPy; model and optimizer go through torch.distributed.checkpoint.
+    `before_save` runs first in every save: the trainer's waits for the run log's queued rows,
+    whose writers' state the checkpoint holds.
     """
 
-    def __init__(self, cfg: DictConfig, model, optimizer, host_state: dict, process_index: int = 0):
+    def __init__(self, cfg: DictConfig, model, optimizer, host_state: dict, process_index: int = 0,
+                 before_save: Callable[[], None] = lambda: None):
         self.cfg = cfg
+        self.before_save = before_save
         self.every = cfg.checkpoint_every
         self.model = model
         self.optimizer = optimizer
@@ -379,7 +384,7 @@ class Checkpointer:
         """Checkpoint `step` (in the background when async_checkpoint, unless blocking)."""
         if step == self.last_saved_step:
             return
-        runtime.wait_for_async_closures()  # the logs' state must include every row up to this step
+        self.before_save()  # the logs' state must include every row up to this step
         state = {
             "model": model_state(self.model),
             "optimizer": self.optimizer.state_dict(),

@@ -8,7 +8,8 @@ import torch_xla
 
 from clm import runtime
 from clm.config import load_config
-from clm.optim import build_optimizer, prime_optimizer
+from clm.engine.xla import XlaEngine
+from clm.optim import build_optimizer
 
 LR, WD, BETA1, BETA2, EPS = 2e-3, 0.1, 0.9, 0.999, 1e-8
 
@@ -37,9 +38,9 @@ def test_priming_is_one_zero_gradient_step_then_training_uses_step_2s_bias_corre
         with torch.no_grad():
             model.weight.copy_(start.to(model.weight.device))
         torch_xla.sync()
-        opt = build_optimizer(cfg, model)
+        opt = build_optimizer(cfg, model, XlaEngine().optimizer_class(cfg.optimizer))
         if prime:
-            prime_optimizer(opt)
+            XlaEngine().prime_optimizer(opt)
             assert int(opt.state[model.weight]["step"]) == 1
             assert model.weight.grad is None
             # One decoupled weight decay and nothing else (zero moments give a zero update).
@@ -96,13 +97,13 @@ def test_default_and_mlperf_presets_decay_what_the_reference_decays_every_mixtra
     assert len(names) == 1 + 56 * 9 + 2  # embeddings; per layer q, k, v, o, router, gate_up, down, 2 norms; norm, head
     assert all(reference_decays(name) for name in names), "the reference's patterns now match a Mixtral parameter"
     cfg = load_config([*preset, "optimizer=AdamW"], num_devices=256)
-    decay = decay_of(build_optimizer(cfg, mixtral_8x22b))
+    decay = decay_of(build_optimizer(cfg, mixtral_8x22b, torch.optim.AdamW))
     assert {name: decay[id(p)] for name, p in names.items()} == {name: cfg.weight_decay for name in names}
 
 
 def test_norms_and_biases_can_be_exempt_as_megatron_does(mixtral_8x22b):
     cfg = load_config(["optimizer=AdamW", "weight_decay_norms_and_biases=false"], num_devices=4)
-    decay = decay_of(build_optimizer(cfg, mixtral_8x22b))
+    decay = decay_of(build_optimizer(cfg, mixtral_8x22b, torch.optim.AdamW))
     exempt = {name for name, p in mixtral_8x22b.named_parameters() if decay[id(p)] == 0.0}
     assert exempt == {name for name, p in mixtral_8x22b.named_parameters() if p.dim() == 1}
     assert exempt and all(name.endswith("norm.weight") for name in exempt)
@@ -110,7 +111,7 @@ def test_norms_and_biases_can_be_exempt_as_megatron_does(mixtral_8x22b):
     model = torch.nn.Module()
     model.experts_bias = torch.nn.Parameter(torch.zeros(4, 8))
     model.proj = torch.nn.Linear(8, 8)
-    decay = decay_of(build_optimizer(cfg, model))
+    decay = decay_of(build_optimizer(cfg, model, torch.optim.AdamW))
     assert [decay[id(p)] for p in (model.experts_bias, model.proj.bias, model.proj.weight)] == [0.0, 0.0, WD]
 
 
@@ -119,7 +120,7 @@ def test_a_step_decays_norm_weights_unless_exempt(exempt):
     cfg = load_config(["optimizer=AdamW", f"lr={LR}", f"weight_decay={WD}",
                        f"weight_decay_norms_and_biases={str(not exempt).lower()}"], num_devices=4)
     norm = torch.nn.LayerNorm(8)
-    optimizer = build_optimizer(cfg, norm)
+    optimizer = build_optimizer(cfg, norm, torch.optim.AdamW)
     for p in norm.parameters():
         p.grad = torch.zeros_like(p)  # zero moments: the step is the decoupled decay alone
     optimizer.step()
