@@ -8,6 +8,7 @@ import torch_xla
 
 from clm import runtime
 from clm.config import load_config
+from clm.engine.dtensor import DTensorEngine
 from clm.engine.xla import XlaEngine
 from clm.optim import build_optimizer
 
@@ -26,28 +27,33 @@ def adamw_by_hand(param, grads, steps_before=0, wd=WD):
     return p
 
 
-@pytest.mark.parametrize("optimizer", ["ADAMW_TORCH_XLA", "AdamW"])
-def test_priming_is_one_zero_gradient_step_then_training_uses_step_2s_bias_correction(optimizer):
+@pytest.mark.parametrize("backend, optimizer", [("xla", "ADAMW_TORCH_XLA"), ("xla", "AdamW"),
+                                                ("dtensor", "ADAMW_TORCH_XLA")])
+def test_priming_is_one_zero_gradient_step_then_training_uses_step_2s_bias_correction(backend, optimizer):
+    """On XLA torch_xla's own priming (and syncfree AdamW); on the DTensor engine clm's plain one
+    (and torch's AdamW for ADAMW_TORCH_XLA), on CPU tensors here."""
     cfg = load_config([f"optimizer={optimizer}", f"lr={LR}", f"weight_decay={WD}"], num_devices=runtime.device_count())
+    engine = XlaEngine() if backend == "xla" else DTensorEngine()
+    device = torch_xla.device() if backend == "xla" else torch.device("cpu")
     torch.manual_seed(0)
     start = torch.randn(16, 8)
     grad = torch.randn(16, 8)
 
     def one_real_step(prime: bool) -> torch.Tensor:
-        model = torch.nn.Linear(8, 16, bias=False).to(torch_xla.device())
+        model = torch.nn.Linear(8, 16, bias=False).to(device)
         with torch.no_grad():
             model.weight.copy_(start.to(model.weight.device))
-        torch_xla.sync()
-        opt = build_optimizer(cfg, model, XlaEngine().optimizer_class(cfg.optimizer))
+        engine.cut()
+        opt = build_optimizer(cfg, model, engine.optimizer_class(cfg.optimizer))
         if prime:
-            XlaEngine().prime_optimizer(opt)
+            engine.prime_optimizer(opt)
             assert int(opt.state[model.weight]["step"]) == 1
             assert model.weight.grad is None
             # One decoupled weight decay and nothing else (zero moments give a zero update).
             torch.testing.assert_close(model.weight.cpu(), start * (1 - LR * WD), rtol=1e-6, atol=0)
         model.weight.grad = grad.to(model.weight.device)
         opt.step()
-        torch_xla.sync()
+        engine.cut()
         return model.weight.detach().cpu()
 
     primed, unprimed = one_real_step(True), one_real_step(False)

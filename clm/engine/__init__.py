@@ -127,7 +127,7 @@ def build_engine(backend: str) -> Engine:
 
         return XlaEngine()
     if backend == DTENSOR:
-        from clm.errors import UserError
+        from clm.engine.dtensor import DTensorEngine
 
-        raise UserError("backend=dtensor: the DTensor engine is not built yet; use backend=xla")
+        return DTensorEngine()
     raise ValueError(f"backend {backend!r} is not resolved (clm.engine.backend.resolve)")

@@ -106,7 +106,8 @@ def print_summary(summary: Summary, run_dir: str) -> None:
             return f"{value:.4g}"
         return str(value)
 
-    print("clm: " + " ".join(f"{key}={fmt(value)}" for key, value in fields.items()), flush=True)
+    if console.reports():
+        print("clm: " + " ".join(f"{key}={fmt(value)}" for key, value in fields.items()), flush=True)
 
 
 class RunLog:
