@@ -107,3 +107,59 @@ def test_what_is_not_built_yet_is_one_line_on_process_0_exit_2(tmp_path):
     assert "run_clm.py\", line" not in result.stderr and "/clm/" not in result.stderr  # no traceback of clm's
     assert result.returncode == 1
     assert not (tmp_path / "moe_trial").exists()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat[stat.rindex(")") + 2:].split()[1])
+    found, todo = [], [pid]
+    while todo:
+        below = todo.pop()
+        children = [child for child, parent in parents.items() if parent == below]
+        found += children
+        todo += children
+    return found
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_continues_bitwise(data_dir, tmp_path):
+    """kill -9 of every process once checkpoint 2 is complete; the same command then resumes from
+    the newest complete checkpoint (a later one cut short is skipped) and its steps equal an
+    uninterrupted run's bit for bit."""
+    import signal
+    import time
+
+    run = [*SHAPES, *data(data_dir), "max_steps=8", "eval_frequency=8", "do_first_eval=false", "checkpoint_every=2"]
+    whole = torchrun(PROCESSES, *run, f"output_dir={tmp_path / 'whole'}")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    output = [f"output_dir={tmp_path / 'killed'}"]
+    checkpoints = tmp_path / "killed" / "moe_trial" / "checkpoints"
+    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={PROCESSES}",
+                                str(REPO / "run_clm.py"), "backend=dtensor", *run, *output],
+                               cwd=REPO, env=environment(OMP_NUM_THREADS="1"), start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (checkpoints / "2" / ".manager_metadata").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before checkpoint 2"
+        time.sleep(0.02)
+    for pid in [process.pid, *descendants(process.pid)]:  # torchrun starts its processes in sessions of their own
+        os.kill(pid, signal.SIGKILL)
+    process.wait()
+    resumed_from = max(int(p.name) for p in checkpoints.iterdir() if (p / ".manager_metadata").exists())
+    assert resumed_from < 8, "the run finished before it was killed"
+
+    resumed = torchrun(PROCESSES, *run, *output)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {checkpoints / str(resumed_from)} (step {resumed_from})" in resumed.stdout
+    expected, actual = metrics(tmp_path / "whole" / "moe_trial"), metrics(tmp_path / "killed" / "moe_trial")
+    keys = ("train/loss", "train/grad_norm", "moe/drop_fraction", "eval/loss")
+    for step in range(resumed_from + 1, 9):
+        assert [actual[step].get(k) for k in keys] == [expected[step].get(k) for k in keys], step
