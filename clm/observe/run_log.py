@@ -16,9 +16,9 @@ The points, in the order a run reaches them:
     summarize(...)            the Summary (print_summary prints its one line)
     close()                   the writers closed; runs from the trainer's `finally`
 
-A step's row is written on torch_xla's closure thread: the step's values are one stacked
-tensor, read there in one device-to-host transfer that waits for the device, and the row is
-stamped after that read (`perf/elapsed_seconds`): never before the step's values reached the
+A step's row is written on the engine's thread (torch_xla's closure thread on XLA; clm.engine):
+the step's values are one stacked tensor, read there in one device-to-host transfer that waits
+for the device, and the row is stamped after that read (`perf/elapsed_seconds`): never before the step's values reached the
 host, so never the time the host took to enqueue steps (it runs ahead of the device). What
 that thread shares with the main thread (the step clock, the metrics writer, the Summary) is
 behind one lock; the recompile count is the main thread's and goes to the row as of its step.
@@ -125,7 +125,7 @@ class RunLog:
                                          warmup={"train": WARMUP_STEPS, "eval": 1}, enabled=enabled)
         self.summary = Summary(tokens_per_step=cfg.global_train_batch_size * cfg.max_length)
         self._last_row = (0, self.origin)  # (step, time its values reached the host) of the last train row
-        # Train rows are written on torch_xla's closure thread while the main thread goes on:
+        # Train rows are written on the engine's thread while the main thread goes on:
         # the step clock (_last_row), the metrics writer and the Summary change only under this lock.
         self._rows = threading.Lock()
         self._first_step = 0  # of this process: its first steps compile
@@ -182,7 +182,7 @@ class RunLog:
 
     def _train_row(self, step: int, lr: float, keys: list[str], device_values: torch.Tensor,
                    skipped_lines: int, compiles_after_warmup: int) -> None:
-        """On torch_xla's closure thread: one transfer, which waits for the device to finish the step."""
+        """On the engine's thread: one transfer, which waits for the device to finish the step."""
         values = dict(zip(keys, device_values.cpu().tolist()))
         arrived = time.perf_counter()  # the step's values are on the host: the row's time, after the read
         values["train/num_tokens"] = int(values["train/num_tokens"])
