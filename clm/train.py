@@ -66,7 +66,7 @@ class Trainer:
         cfg = model_plan.cfg
         self.engine = engine
         engine.setup(cfg)
-        self.cfg, self.model_plan, self.resume_from = cfg, model_plan, resume_from
+        self.cfg, self.resume_from = cfg, resume_from
         self.is_main = engine.process_index() == 0
         self.resolved_config = redact(OmegaConf.to_container(cfg, resolve=True))  # no secret reaches a file or W&B
         self.log = RunLog(cfg, self.resolved_config, engine, enabled=self.is_main)  # init starts (MLPerf's clock)

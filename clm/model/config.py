@@ -46,8 +46,8 @@ def load_model_config(cfg: DictConfig, checkpoint: weights.HubCheckpoint | None 
 
     With model.name_or_path set, the architecture is that directory's config.json (`checkpoint`,
     the directory opened already, else opened here); model.config_path, if also given, must agree
-    with it. Its weights are checked against the model by the model plan (clm.model.plan), which
-    builds the model this needs.
+    with it. Its weights are checked against the model of this config by the model plan
+    (clm.model.plan), which builds that model once for every check.
     """
     if checkpoint is None and cfg.model.name_or_path:
         checkpoint = weights.HubCheckpoint(cfg.model.name_or_path)

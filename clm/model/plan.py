@@ -78,7 +78,7 @@ class ModelPlan:
                 f"({moe.CORRECTION_BIAS}, as DeepSeek-V3 has); use model.router_bias_update=false"
             )
         if cfg.model.fsdp_config.xla_fsdp_grad_ckpt:
-            checkpointed_layer_classes(model, cfg.model.fsdp_config.fsdp_transformer_layer_cls_to_wrap)
+            check_checkpointed_layer_classes(model, cfg.model.fsdp_config.fsdp_transformer_layer_cls_to_wrap)
         choice = attention.select(model, cfg.model.flash_attention, cfg.max_length)
         return cls(cfg, hf_config, checkpoint, model, mesh_shape, shardings, choice)
 
@@ -146,9 +146,10 @@ def check_moe_knobs(cfg: DictConfig, hf_config) -> None:
         )
 
 
-def checkpointed_layer_classes(model, class_names) -> list[str]:
-    """The layers activation checkpointing recomputes: transformers' checkpointable layers
-    (its GradientCheckpointingLayer: the decoder layers), named by the reference's knob."""
+def check_checkpointed_layer_classes(model, class_names) -> None:
+    """The layers activation checkpointing recomputes are those of transformers' checkpointable
+    layers (its GradientCheckpointingLayer: the decoder layers) whose class the reference's knob
+    names: every name must be one of them."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     available = sorted({type(m).__name__ for m in model.modules() if isinstance(m, GradientCheckpointingLayer)})
@@ -158,4 +159,3 @@ def checkpointed_layer_classes(model, class_names) -> list[str]:
             f"model.fsdp_config.fsdp_transformer_layer_cls_to_wrap={list(class_names)}: "
             f"{type(model).__name__}'s checkpointable layers are {available}; use {available}"
         )
-    return available

@@ -395,7 +395,7 @@ class HubCheckpoint:
         """{key: (shape, dtype)} of one file, from its safetensors header (no tensor data is read)."""
         if file not in self._headers:
             header = {}
-            with self._open(file) as f:  # a file cut short or not safetensors: one line
+            with self._open(file) as f:
                 for key in f.keys():
                     tensor = f.get_slice(key)
                     dtype = _SAFETENSORS_DTYPES.get(tensor.get_dtype(), torch.float32)
