@@ -16,7 +16,7 @@ from clm.cli import run_command
 def main(argv: list[str]) -> int | None:
     # Config first, heavy imports after: a typo is reported before torch and XLA load.
     from clm.config import config_groups, load_config
-    from clm.runtime import device_count
+    from clm.engine import device_count
 
     if "--help" in argv or "-h" in argv:
         groups = "; ".join(f"{group}={'|'.join(options)}" for group, options in config_groups().items())

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from clm import runtime  # noqa: E402
 from clm.config import load_config  # noqa: E402
+from clm.engine.xla import XlaEngine  # noqa: E402
 from clm.model.config import CONFIGS_DIR  # noqa: E402
 from clm.model.plan import ModelPlan  # noqa: E402
 from clm.parallel import mesh_shape  # noqa: E402
@@ -41,7 +42,7 @@ QUICK = ["max_length=128", "per_device_train_batch_size=1", "n_eval_examples=10"
 def trainer_for(output_dir: str, model_json: str, *overrides: str, resume_from: str | None = None) -> Trainer:
     cfg = load_config([f"output_dir={output_dir}", f"model.config_path={model_json}", *QUICK, *overrides],
                       num_devices=runtime.device_count())
-    trainer = Trainer(ModelPlan.from_config(cfg, mesh_shape(runtime.device_count(), 1, 1, 1)), resume_from)
+    trainer = Trainer(ModelPlan.from_config(cfg, mesh_shape(runtime.device_count(), 1, 1, 1)), XlaEngine(), resume_from)
     return trainer
 
 

@@ -75,7 +75,8 @@ def run(hub: Path) -> None:
     from clm.model.build import build_sharded_model
     from clm.model.plan import ModelPlan
 
-    cfg = load_config([f"model.name_or_path={hub}", "model.dtype=bfloat16"], num_devices=runtime.device_count)
+    cfg = load_config([f"model.name_or_path={hub}", "model.dtype=bfloat16", "backend=xla"],
+                      num_devices=runtime.device_count())
     runtime.setup(None, False)
     shape = parallel.mesh_shape(runtime.device_count(), 1, 1, 1)
     model_plan = ModelPlan.from_config(cfg, shape)  # the checks and the headers' read are not timed

@@ -27,6 +27,7 @@ import random
 import sys
 import warnings
 from datetime import datetime, timezone
+from typing import Callable
 
 import numpy as np
 import torch
@@ -353,10 +354,14 @@ class Checkpointer:
 
     `host_state` maps names to objects with state_dict()/load_state_dict() whose state is
     plain Python or NumPy; model and optimizer go through torch.distributed.checkpoint.
+    `before_save` runs first in every save: the trainer's waits for the run log's queued rows,
+    whose writers' state the checkpoint holds.
     """
 
-    def __init__(self, cfg: DictConfig, model, optimizer, host_state: dict, process_index: int = 0):
+    def __init__(self, cfg: DictConfig, model, optimizer, host_state: dict, process_index: int = 0,
+                 before_save: Callable[[], None] = lambda: None):
         self.cfg = cfg
+        self.before_save = before_save
         self.every = cfg.checkpoint_every
         self.model = model
         self.optimizer = optimizer
@@ -379,7 +384,7 @@ class Checkpointer:
         """Checkpoint `step` (in the background when async_checkpoint, unless blocking)."""
         if step == self.last_saved_step:
             return
-        runtime.wait_for_async_closures()  # the logs' state must include every row up to this step
+        self.before_save()  # the logs' state must include every row up to this step
         state = {
             "model": model_state(self.model),
             "optimizer": self.optimizer.state_dict(),
@@ -419,6 +424,103 @@ class Checkpointer:
         """Wait for a background save to finish."""
         if self._manager is not None:
             self._manager.join()
+
+
+class DistributedCheckpointer:
+    """The DTensor engine's checkpoints: torch.distributed.checkpoint itself, in the layout and
+    under the names of the XLA engine's (so listing, resume and retention are shared):
+    `checkpoint_dir/<step>/` with "model.*" and "optimizer.*" (every process writing its own
+    shards; optimizer state keyed by parameter name, torch.distributed.checkpoint.state_dict's
+    form), "config" and each process's "host_<i>", complete once process 0 has written
+    `.manager_metadata` after every process's shards. Saves block (async_checkpoint is refused
+    on this engine). Tensors are resharded on load, as on XLA; a checkpoint of the other engine
+    is refused by the config check (`backend` differs)."""
+
+    def __init__(self, cfg: DictConfig, model, optimizer, host_state: dict, process_index: int = 0,
+                 before_save: Callable[[], None] = lambda: None):
+        self.cfg = cfg
+        self.every = cfg.checkpoint_every
+        self.model = model
+        self.optimizer = optimizer
+        self.host_state = host_state
+        self.host_key = f"host_{process_index}"
+        self.is_main = process_index == 0
+        self.before_save = before_save
+        self.last_saved_step: int | None = None
+
+    def maybe_save(self, step: int) -> None:
+        if self.every > 0 and step % self.every == 0:
+            self.save(step)
+
+    def save(self, step: int, blocking: bool = False) -> None:
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        if step == self.last_saved_step:
+            return
+        self.before_save()  # the logs' state must include every row up to this step
+        state = {
+            "model": get_model_state_dict(self.model),
+            "optimizer": get_optimizer_state_dict(self.model, self.optimizer),
+            "config": OmegaConf.to_yaml(self.cfg, resolve=True),
+            self.host_key: pickle.dumps({name: obj.state_dict() for name, obj in self.host_state.items()}),
+        }
+        path = storage.join(self.cfg.checkpoint_dir, str(step))
+        fs, root = filesystem(path)
+        if self.is_main and fs.exists(root):  # a save of this step that did not finish
+            fs.rm(root, recursive=True)
+        dist.barrier()
+        dcp.save(state, storage_writer=FsspecWriter(path, per_thread_copy_ahead=0))  # every process's shards
+        if self.is_main:
+            with fs.open(f"{root}/{COMMIT_MARKER}", "wb") as f:
+                pickle.dump({"step": step, "ts": datetime.now(timezone.utc)}, f)
+            self._release_oldest()
+        self.last_saved_step = step
+
+    def _release_oldest(self) -> None:
+        """Keep the newest checkpoints_to_keep complete checkpoints (0: all)."""
+        keep = self.cfg.checkpoints_to_keep
+        complete = [step for step, done in step_directories(self.cfg.checkpoint_dir).items() if done]
+        if keep > 0:
+            for step in complete[:-keep]:
+                fs, root = filesystem(storage.join(self.cfg.checkpoint_dir, str(step)))
+                fs.rm(root, recursive=True)
+
+    def restore(self, step_directory: str) -> int:
+        """Load a checkpoint into the (primed) optimizer, the model and every host state."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        check_model_matches(self.model, step_directory)
+        _, step = _split_step(step_directory)
+        state = {"model": get_model_state_dict(self.model),
+                 "optimizer": get_optimizer_state_dict(self.model, self.optimizer), self.host_key: b""}
+        try:
+            dcp.load(state, storage_reader=storage_reader(step_directory))
+        except (KeyError, RuntimeError) as e:  # torch.distributed.checkpoint wraps a missing key
+            if self.host_key in str(e):
+                raise UserError(
+                    f"{step_directory}: it holds no state for process {self.host_key[5:]}; resume with the "
+                    "number of processes it was saved with"
+                ) from None
+            raise
+        set_model_state_dict(self.model, state["model"])
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+        host = pickle.loads(state[self.host_key])
+        for name, obj in self.host_state.items():
+            obj.load_state_dict(host[name])
+        self.last_saved_step = step
+        return step
+
+    def close(self) -> None:
+        """Saves block: nothing is left to wait for."""
 
 
 # --------------------------------------------------------------- initial weights

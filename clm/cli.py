@@ -4,6 +4,11 @@ Python logging and the console's quiet defaults are set up here, once per comman
 clm.errors.UserError reaches the user as one `error:` line on stderr and exit code 2, with
 no traceback. Everything else is a bug and keeps its traceback.
 
+Under torchrun (one process per device) every process checks the same config and finds the
+same error; process 0 says it. torchrun stops all processes as soon as one exits, so the
+others give process 0 time to say it first (`ERROR_GRACE_SECONDS`); one still running after
+that found an error of its own (its share of the data, say) and says it, naming itself.
+
 Under a launcher that keeps no exit codes (torchrun exits 1 whatever its workers exited with,
 so a preempted worker's 75 would read as a crash), the per-host wrapper (clm.launch.host)
 names a directory in CLM_EXIT_CODE_DIR and every command leaves its exit code there.
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +28,7 @@ from clm.observe import console
 EXIT_CODE_DIR_ENV = "CLM_EXIT_CODE_DIR"
 EXIT_CODE_SUFFIX = ".exit"  # <pid>.exit holds that process's exit code
 UNCAUGHT_EXCEPTION_CODE = 1  # what Python exits with after an uncaught exception's traceback
+ERROR_GRACE_SECONDS = 20
 
 
 def run_command(command: Callable[[], int | None]) -> int:
@@ -33,7 +40,11 @@ def run_command(command: Callable[[], int | None]) -> int:
         result = command()
         code = EXIT_OK if result is None else result
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if console.reports():
+            print(f"error: {e}", file=sys.stderr)
+        else:
+            time.sleep(ERROR_GRACE_SECONDS)  # torchrun ends this process here when process 0 has exited
+            print(f"error: process {os.environ['RANK']}: {e}", file=sys.stderr)
         code = EXIT_USER_ERROR
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (EXIT_OK if e.code is None else UNCAUGHT_EXCEPTION_CODE)

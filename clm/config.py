@@ -21,6 +21,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from clm.engine import backend
 from clm.errors import UserError
 from clm.parallel.mesh import mesh_shape
 
@@ -148,6 +149,7 @@ class Config:
     allow_config_change: bool = MISSING
     kill_switch_path: Optional[str] = MISSING
     shuffle: bool = MISSING
+    backend: str = MISSING
     full_precision: bool = MISSING
     local_compile_cache_dir: Optional[str] = MISSING
     tensor_parallelism: int = MISSING
@@ -209,15 +211,18 @@ def eval_frequency_of_samples(samples: int, global_train_batch_size: int) -> int
     return steps
 
 
-def load_config(overrides: list[str], num_devices: int | Callable[[], int]) -> DictConfig:
+def load_config(overrides: list[str], num_devices: int | Callable[[str], int]) -> DictConfig:
     """Compose clm/conf with Hydra-style overrides, type-check, resolve and validate.
 
-    num_devices is the runtime's device count, or a function returning it: it resolves the
-    reference's `get_global_batch_size` (per-device batch x devices) and the divisibility
-    checks. As a function it is called only after keys and types check out, so a typo is
-    reported without waiting for the XLA runtime to start.
+    num_devices is the runtime's device count, or a function of the engine (the resolved
+    `backend` knob: xla or dtensor) returning it: it resolves the reference's
+    `get_global_batch_size` (per-device batch x devices) and the divisibility checks. As a
+    function it is called only after keys and types check out, so a typo is reported without
+    waiting for the XLA runtime to start. `backend=auto` is resolved here to the engine that
+    will run (clm.engine.backend), so the run's config.yaml and checkpoints name it.
     """
-    count = functools.cache(num_devices if callable(num_devices) else lambda: num_devices)
+    engine = {}  # the resolved backend, once the keys have checked out
+    count = functools.cache(lambda: num_devices(engine["backend"]) if callable(num_devices) else num_devices)
     _register_resolvers(count)
     overrides = [_as_append_if_group(o) for o in overrides]
     try:
@@ -228,6 +233,9 @@ def load_config(overrides: list[str], num_devices: int | Callable[[], int]) -> D
 
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(Config), composed)
+        if cfg.backend not in backend.BACKENDS:
+            raise UserError(f"backend={cfg.backend}: use one of {', '.join(backend.BACKENDS)}")
+        cfg.backend = engine["backend"] = backend.resolve(cfg.backend)
         OmegaConf.resolve(cfg)
     except ConfigKeyError as e:
         raise UserError(_unknown_key_error(e)) from None

@@ -118,8 +118,9 @@ def hf_to_checkpoint(hf_dir: str, out: str, dtype: str | None = None) -> str:
 
     source = weights.HubCheckpoint(hf_dir, knob="HF_DIR")
     dtype = dtype or source.config_fields.get("torch_dtype") or source.config_fields.get("dtype") or "float32"
-    cfg = load_config([f"model.name_or_path={hf_dir}", f"model.dtype={dtype}", "model.fsdp_config.xla_fsdp_grad_ckpt=false"],
-                      num_devices=runtime.device_count)
+    # The XLA engine's sharded model and checkpoints (torch_xla's CheckpointManager).
+    cfg = load_config([f"model.name_or_path={hf_dir}", f"model.dtype={dtype}", "model.fsdp_config.xla_fsdp_grad_ckpt=false",
+                       "backend=xla"], num_devices=runtime.device_count())
     runtime.setup(None, False)
     model_plan = ModelPlan.from_config(cfg, parallel.mesh_shape(runtime.device_count(), 1, 1, 1), checkpoint=source)
     manager = checkpoint.checkpoint_manager(out)

@@ -10,11 +10,10 @@ import torch
 from omegaconf import DictConfig
 from torch.optim.lr_scheduler import LambdaLR
 
-from clm.config import XLA_ADAMW
 
-
-def build_optimizer(cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """AdamW (torch_xla's syncfree variant for ADAMW_TORCH_XLA) or any torch.optim class by name.
+def build_optimizer(cfg: DictConfig, model: torch.nn.Module, optimizer_class: type) -> torch.optim.Optimizer:
+    """The `optimizer` knob's class as the engine provides it (Engine.optimizer_class: for
+    ADAMW_TORCH_XLA torch_xla's syncfree AdamW on XLA, torch's AdamW on DTensor).
 
     Weight decay as the reference's code applies it: to every parameter. (Its no-decay name
     patterns, `bias` and `layer_norm.weight`, match no Mixtral parameter; docs/design.md.)
@@ -28,12 +27,6 @@ def build_optimizer(cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Opti
         for name, param in model.named_parameters():
             (no_decay if name.endswith("bias") or param.dim() < 2 else decay).append(param)
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.optimizer == XLA_ADAMW:
-        from torch_xla.amp.syncfree import AdamW
-
-        optimizer_class = AdamW
-    else:
-        optimizer_class = getattr(torch.optim, cfg.optimizer)
     return optimizer_class(groups, lr=cfg.lr, **adam_options(cfg, optimizer_class))
 
 
@@ -53,10 +46,15 @@ def prime_optimizer(optimizer: torch.optim.Optimizer) -> None:
     the first real update uses step 2's bias correction (about 0.74x an unprimed first
     update with the default betas), and one decoupled weight decay of lr x wd is applied.
     A resumed run primes too and then overwrites the state with the checkpoint's.
-    """
-    from torch_xla.experimental.distributed_checkpoint.util import prime_optimizer as xla_prime_optimizer
 
-    xla_prime_optimizer(optimizer)
+    Plain PyTorch, for eager engines (DTensor: each zero gradient is sharded as its parameter);
+    the XLA engine runs torch_xla's own (clm.engine.xla), which also syncs around the step.
+    """
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            if parameter.requires_grad:
+                parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()
     optimizer.zero_grad(set_to_none=True)  # the zero gradients must not linger into step 1
 
 

@@ -7,11 +7,9 @@ Split in two because the config needs the device count (the reference's
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import sys
 import tempfile
-import time
 
 from clm import tpu
 
@@ -168,39 +166,3 @@ def compile_count() -> int:
 
     data = met.metric_data("CompileTime")
     return data[0] if data else 0
-
-
-def run_async(fn, *args) -> None:
-    """Run fn(*args) on torch_xla's asynchronous closure thread, after every closure queued there before.
-
-    Call it after torch_xla.sync(): tensors in `args` are then the device data of the step just
-    cut, and reading them in `fn` waits for the device on that thread, never on the caller's.
-    (torch_xla's add_step_closure would hold `fn` until the next sync.)
-    """
-    import torch_xla.core.xla_model as xm
-    import torch_xla.utils.closures as xc
-
-    context = xm._get_device_context()
-    handler = getattr(context, "async_closure_handler", None)
-    if handler is None:  # as torch_xla creates it for its step closures, which then share the thread
-        handler = context.async_closure_handler = xc.AsyncClosureHandler()
-    handler.run_all([functools.partial(fn, *args)])
-
-
-def wait_for_async_closures() -> None:
-    """Block until every step closure queued with run_async=True has run; re-raise its error.
-
-    torch_xla runs those closures on a thread of its own and offers no public wait.
-    """
-    import torch_xla.core.xla_model as xm
-
-    handler = getattr(xm._get_device_context(), "async_closure_handler", None)
-    if handler is None:
-        return
-    # Not Queue.join(): a closure that raises stops the thread without marking its task done.
-    while True:
-        if not handler._closure_exception.empty():
-            raise RuntimeError("a logging step closure failed") from handler._closure_exception.get()
-        if not handler._closure_queue.unfinished_tasks:
-            return
-        time.sleep(0.005)

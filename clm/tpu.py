@@ -58,3 +58,23 @@ def parse_accelerator_type(text: str) -> tuple[Generation, int] | None:
 
 def names() -> str:
     return ", ".join(GENERATIONS)
+
+
+# PCI ids of TPU chips (Google's vendor id; the device ids torch_xla's runtime recognises), so
+# that whether a host has TPUs is known without importing torch_xla (clm.engine.backend).
+GOOGLE_PCI_VENDOR = "0x1ae0"
+TPU_PCI_DEVICES = ("0x0027", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076", "0x0056")
+
+
+def chips_attached() -> int:
+    """TPU chips on this host's PCI bus (0 anywhere else). Google's vendor id alone is not
+    enough: a GCE VM's gVNIC network card carries it too."""
+    import glob
+    from pathlib import Path
+
+    count = 0
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        device = Path(vendor).with_name("device")
+        if Path(vendor).read_text().strip() == GOOGLE_PCI_VENDOR and device.read_text().strip() in TPU_PCI_DEVICES:
+            count += 1
+    return count

@@ -1,12 +1,15 @@
 """The trainer: build everything from the config, restore a checkpoint when resuming, start,
 then train, evaluate, checkpoint and report.
 
-XLA discipline: every step is traced lazily and cut with torch_xla.sync(); a step's logged
-values are one stacked tensor in every step's graph, read on log steps by the run log on
-torch_xla's closure thread (one device-to-host transfer), and the eval loss once per eval for
-the stop check, so a step never waits on the host and never recompiles after warm-up.
-Checkpoints and stop requests are handled between steps (`end_step`). Everything the run
-reports goes through `self.log` (clm.observe.run_log.RunLog).
+Written once for every engine (clm.engine: XLA SPMD, DTensor), which it calls at the points
+where they differ: set up processes and devices, build the sharded model, move a batch to the
+devices, cut a step (`engine.cut()`: on XLA the lazily traced step is compiled and launched),
+hand a log step's values to the run log's thread, profile a step. A step's logged values are
+one stacked tensor computed in every step, read on log steps by the run log on the engine's
+thread (one device-to-host transfer), and the eval loss once per eval for the stop check, so
+a step never waits on the host (and on XLA never recompiles after warm-up). Checkpoints and
+stop requests are handled between steps (`end_step`). Everything the run reports goes through
+`self.log` (clm.observe.run_log.RunLog).
 """
 
 from __future__ import annotations
@@ -19,14 +22,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from clm import checkpoint, data, parallel, plan, runtime, storage
-from clm.checkpoint import Checkpointer, RNGState
+from clm import checkpoint, data, parallel, plan, storage
+from clm.engine import Engine, build_engine
 from clm.errors import EXIT_OK, EXIT_PREEMPTED
-from clm.model.build import build_sharded_model
 from clm.model.plan import ModelPlan
 from clm.observe import console
 from clm.observe.run_log import RunLog, Summary, print_summary
-from clm.optim import build_optimizer, build_scheduler, prime_optimizer, warmup_steps
+from clm.optim import build_optimizer, build_scheduler, warmup_steps
 from clm.preemption import StopRequests
 from clm.secrets import redact
 
@@ -58,42 +60,40 @@ class Trainer:
     """Build (everything from the config; nothing written) -> restore (a checkpoint, when
     resuming) -> start (files, data thread, SIGTERM handler) -> train -> close (always)."""
 
-    def __init__(self, model_plan: ModelPlan, resume_from: str | None = None):
-        """`model_plan`: the run's model, checked (clm.model.plan); its cfg is the run's config."""
-        import torch_xla.distributed.spmd as xs
-
+    def __init__(self, model_plan: ModelPlan, engine: Engine, resume_from: str | None = None):
+        """`model_plan`: the run's model, checked (clm.model.plan); its cfg is the run's config.
+        `engine`: the one of cfg.backend (clm.engine.build_engine), checked against the plan."""
         cfg = model_plan.cfg
-        runtime.setup(cfg.local_compile_cache_dir, cfg.full_precision, cfg.xla_compile_analysis)
+        self.engine = engine
+        engine.setup(cfg)
         self.cfg, self.resume_from = cfg, resume_from
-        self.is_main = runtime.is_main_process()
+        self.is_main = engine.process_index() == 0
         self.resolved_config = redact(OmegaConf.to_container(cfg, resolve=True))  # no secret reaches a file or W&B
-        self.log = RunLog(cfg, self.resolved_config, enabled=self.is_main)  # init starts (MLPerf's clock)
+        self.log = RunLog(cfg, self.resolved_config, engine, enabled=self.is_main)  # init starts (MLPerf's clock)
 
         self.tokenizer = data.tokenizer_for(cfg, model_plan.hf_config.vocab_size)  # None for pre-tokenized data
-        self.model = build_sharded_model(model_plan)
-        # Several hosts each pass their own rows (minibatch); one host passes the whole batch.
-        self.input_sharding = xs.ShardingSpec(self.model.mesh, parallel.batch_spec(),
-                                              minibatch=runtime.process_count() > 1)
+        self.model = engine.build_model(model_plan)
         if cfg.checkpoint_manager_path and not resume_from:
-            checkpoint.restore_model_weights(self.model.module, cfg.checkpoint_manager_path)
-        self.optimizer = build_optimizer(cfg, self.model.module)
+            engine.load_weights(self.model, cfg.checkpoint_manager_path)
+        self.optimizer = build_optimizer(cfg, self.model.module, engine.optimizer_class(cfg.optimizer))
         # A checkpoint loads into existing optimizer state, so a resumed run primes too;
         # the restore then overwrites what priming did.
         if cfg.prime_optimizer or resume_from:
-            prime_optimizer(self.optimizer)
+            engine.prime_optimizer(self.optimizer)
         self.scheduler = build_scheduler(cfg, self.optimizer)
 
-        process = dict(process_index=runtime.process_index(), process_count=runtime.process_count())
+        process = dict(process_index=engine.process_index(), process_count=engine.process_count())
         self.train_batches = data.build_train_stream(cfg, self.tokenizer, **process)
         self.eval_set = data.build_eval_set(cfg, self.tokenizer, **process)
         self.log.run_config(optimizer_defaults=self.optimizer.defaults, warmup_steps=warmup_steps(cfg.sched),
                             eval_samples=self.eval_set.num_blocks, model_plan=model_plan,
                             num_devices=model_plan.mesh_shape.num_devices)
         self.loop = LoopState()
-        self.checkpointer = Checkpointer(cfg, self.model.module, self.optimizer, process_index=runtime.process_index(),
-                                         host_state={"loop": self.loop, "scheduler": self.scheduler,
-                                                     "data": self.train_batches, "rng": RNGState(),
-                                                     **self.log.host_state()})
+        self.checkpointer = engine.checkpointer(cfg, self.model, self.optimizer,
+                                                host_state={"loop": self.loop, "scheduler": self.scheduler,
+                                                            "data": self.train_batches, "rng": engine.rng_state(),
+                                                            **self.log.host_state()},
+                                                before_save=self.log.flush)
         self.stop_requests = StopRequests(cfg.kill_switch_path, **process)
 
     def restore(self) -> None:
@@ -172,24 +172,22 @@ class Trainer:
         return self.loop.step * self.cfg.global_train_batch_size
 
     def train_step(self) -> None:
-        import torch_xla
-
         cfg = self.cfg
         self.model.train()
         accum = cfg.gradient_accumulation_steps
         lm_losses, aux_losses, tokens = [], [], []
         for micro_step in range(accum):
-            input_ids, labels = self.to_device(next(self.train_batches))
+            input_ids, labels = self.engine.to_device(next(self.train_batches))
             terms = self.model.loss_terms(input_ids, labels, cfg.pad_token_id)
             (terms.loss / accum).backward()
             lm_losses.append(terms.lm_loss.detach())
             aux_losses.append(terms.aux_loss.detach())
-            tokens.append((input_ids != cfg.pad_token_id).sum())  # every input (inputs are never pad_token_id)
+            tokens.append(terms.num_inputs)
             if micro_step < accum - 1:
                 # One graph per micro-batch keeps one micro-batch of activations alive.
-                torch_xla.sync()
+                self.engine.cut()
 
-        grad_norm = clip_grad_norm(self.model, cfg.max_grad_norm)
+        grad_norm = self.model.clip_grad_norm(cfg.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.model.update_router_bias()
@@ -210,77 +208,55 @@ class Trainer:
             **terms.router_metrics,  # of the last micro-batch
         }
         values = torch.stack([value.float() for value in logged.values()])
-        torch_xla.sync()
+        self.engine.cut()
         self.log.after_train_step(self.loop.step, lr, list(logged), values,
                                   skipped_lines=self.train_batches.stats["skipped_lines"])
 
     def profile_step(self) -> None:
-        """One train step under torch_xla's profiler, into run_dir/profile (view with TensorBoard)."""
-        import torch_xla.core.xla_model as xm
-        import torch_xla.debug.profiler as xp
-
-        xp.start_trace(os.path.join(self.cfg.run_dir, "profile"))
-        self.train_step()
-        xm.wait_device_ops()  # the trace must cover the device's execution, not just its launch
-        xp.stop_trace()
+        """One train step under the engine's profiler, into run_dir/profile (view with TensorBoard)."""
+        with self.engine.profile(self.cfg.run_dir):
+            self.train_step()
         console.say(f"step {self.loop.step}: profile written to {self.cfg.run_dir}/profile")
 
     def evaluate(self) -> None:
         """Token-weighted mean loss over every scored label of the validation set."""
-        import torch_xla
-
         self.log.eval_start(self.samples_seen)
         self.model.eval()
         loss_sums, counts = [], []
         with torch.no_grad():
             for batch in self.eval_set.batches():
-                input_ids, labels = self.to_device(batch)
+                input_ids, labels = self.engine.to_device(batch)
                 terms = self.model.loss_terms(input_ids, labels, self.cfg.pad_token_id)
                 loss_sums.append(terms.loss_sum)
                 counts.append(terms.num_scored)
-                torch_xla.sync()
-        eval_loss = (torch.stack(loss_sums).sum() / torch.stack(counts).sum()).item()
+                self.engine.cut()
+        eval_loss = (torch.stack(loss_sums).sum() / torch.stack(counts).sum()).item()  # the one host read per eval
         self.model.train()
         self.loop.record_eval(eval_loss, self.cfg.target_eval_loss)
         self.log.after_eval(self.loop.step, self.samples_seen, eval_loss, num_tokens=self.eval_set.num_tokens,
                             skipped_lines=self.eval_set.stats["skipped_lines"])
 
-    def to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Host arrays of this process's rows -> one global array sharded on batch."""
-        import torch_xla
-        import torch_xla.core.xla_model as xm
-
-        tensors = [torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["labels"]).long()]
-        input_ids, labels = xm.send_cpu_data_to_device(tensors, torch_xla.device(), self.input_sharding)
-        return input_ids, labels
-
-
-def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
-    """The total gradient norm before clipping; clips only when max_grad_norm > 0 (as the reference)."""
-    if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-
 
 def train(cfg: DictConfig) -> Summary:
     """Check every input, then build, restore, start and train. Nothing is written over and
     nothing is compiled before the checks pass."""
-    num_devices = runtime.device_count()
+    engine = build_engine(cfg.backend)
+    num_devices = engine.device_count()
     data.validate_dataset(cfg)
     if cfg.checkpoint_manager_path:
         checkpoint.check_path(cfg.checkpoint_manager_path)
     resume_from = checkpoint.resume_directory(cfg)
     if resume_from:
         checkpoint.check_config_matches(cfg, resume_from)
-    slices = parallel.runtime_num_slices() if cfg.num_slices == -1 else cfg.num_slices
+    slices = engine.num_slices() if cfg.num_slices == -1 else cfg.num_slices
     mesh_shape = parallel.mesh_shape(num_devices, cfg.tensor_parallelism, cfg.expert_parallelism, slices)
     model_plan = ModelPlan.from_config(cfg, mesh_shape)  # the model, built on meta and checked once for the run
-    parallel.check_multihost_input(mesh_shape)
-    plan.preflight(model_plan, runtime.device_type(), runtime.device_kind())
+    engine.check(model_plan)
+    plan.preflight(model_plan, engine.device_type(), engine.device_kind())
     # Last, since they create the directories when they can.
     storage.check_writable(cfg.run_dir, "output_dir")
     storage.check_writable(cfg.checkpoint_dir, "checkpoint_dir")
-    trainer = Trainer(model_plan, resume_from)
+    trainer = Trainer(model_plan, engine, resume_from)
     try:
         trainer.restore()
         trainer.start()

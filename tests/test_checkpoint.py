@@ -103,6 +103,7 @@ REPORTING_STATE = {"metrics": {"rows", "last_step"}, "mlperf": {"lines", "block_
 def test_host_state_keeps_the_names_and_format_that_earlier_checkpoints_have(tmp_path, uninterrupted):
     from clm.model.plan import ModelPlan
     from clm.parallel import mesh_shape
+    from clm.engine.xla import XlaEngine
     from clm.train import Trainer
 
     step_dir = Path(uninterrupted.checkpoint_dir) / str(LAST)
@@ -111,7 +112,7 @@ def test_host_state_keeps_the_names_and_format_that_earlier_checkpoints_have(tmp
     for name, keys in REPORTING_STATE.items():
         assert set(host[name]) == keys, name
     cfg = config(tmp_path)
-    trainer = Trainer(ModelPlan.from_config(cfg, mesh_shape(runtime.device_count(), 1, 1, 1)), str(step_dir))
+    trainer = Trainer(ModelPlan.from_config(cfg, mesh_shape(runtime.device_count(), 1, 1, 1)), XlaEngine(), str(step_dir))
     try:
         trainer.restore()
     finally:
@@ -191,12 +192,14 @@ def built(cfg):
     from clm import parallel
     from clm.model.build import build_sharded_model
     from clm.model.plan import ModelPlan
-    from clm.optim import build_optimizer, prime_optimizer
+    from clm.engine.xla import XlaEngine
+    from clm.optim import build_optimizer
 
     shape = parallel.mesh_shape(runtime.device_count(), cfg.tensor_parallelism, cfg.expert_parallelism, 1)
     model = build_sharded_model(ModelPlan.from_config(cfg, shape)).module
-    optimizer = build_optimizer(cfg, model)
-    prime_optimizer(optimizer)
+    engine = XlaEngine()
+    optimizer = build_optimizer(cfg, model, engine.optimizer_class(cfg.optimizer))
+    engine.prime_optimizer(optimizer)
     return model, optimizer
 
 

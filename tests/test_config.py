@@ -90,6 +90,7 @@ def test_device_count_is_not_needed_to_report_a_typo():
         (["model.dtype=int8"], "model.dtype"),
         (["sched=CosineAnnealing", "sched.min_lr=1"], "sched.min_lr"),
         (["output_dir=gs://bucket/runs"], "run_dir=gs://bucket/runs/moe_trial"),
+        (["backend=jax"], "backend=jax: use one of auto, xla, dtensor"),
     ],
 )
 def test_bad_config_is_one_user_error_naming_the_knob(overrides, names):
@@ -98,6 +99,39 @@ def test_bad_config_is_one_user_error_naming_the_knob(overrides, names):
     message = str(info.value)
     assert names in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("tpu_chips, torch_xla_imports, cuda, torch_xla_installed, expected", [
+    (4, True, False, True, "xla"),
+    (4, False, False, True, "dtensor"),  # TorchTPU's torch, which torch_xla 2.9 cannot load beside
+    (0, False, True, True, "dtensor"),
+    (0, False, False, True, "xla"),  # XLA's CPU backend with virtual devices
+    (0, False, False, False, "dtensor"),
+])
+def test_backend_auto_picks_the_engine_for_the_hardware(monkeypatch, tpu_chips, torch_xla_imports, cuda,
+                                                       torch_xla_installed, expected):
+    import importlib.util
+
+    import torch
+
+    from clm.engine import backend
+
+    monkeypatch.setattr(backend.tpu, "chips_attached", lambda: tpu_chips)
+    monkeypatch.setattr(backend, "_torch_xla_imports", lambda: torch_xla_imports)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (find_spec(name, *a) if torch_xla_installed else None)
+                        if name == "torch_xla" else find_spec(name, *a))
+    assert backend.resolve("auto") == expected
+    assert backend.resolve("dtensor") == "dtensor" and backend.resolve("xla") == "xla"
+
+
+def test_the_resolved_backend_is_what_the_config_holds_and_what_the_device_count_is_asked_for():
+    asked = []
+    cfg = load_config(["backend=dtensor"], num_devices=lambda engine: asked.append(engine) or 4)
+    assert cfg.backend == "dtensor" and asked == ["dtensor"]
+    assert load_config([], num_devices=4).backend == "xla"  # auto, here: torch_xla is installed, no GPU
 
 
 def run_cli(*overrides, cwd=REPO):

@@ -411,13 +411,14 @@ def compile_count() -> int:
 def test_three_bf16_train_steps(family_dirs, model_type):
     """bf16, capacity factor 1 (real drops), the trainer's calls: the loss is finite and falls,
     the third step compiles nothing, every gradient is finite and the routers get one."""
+    from clm.engine.xla import XlaEngine
     from clm.optim import build_optimizer
 
     tensor, expert = MESHES["fsdp2_tp2_ep2"]
     moe_knobs = ["model.capacity_factor=1.0"] if model_type in MOE_FAMILIES else []
     cfg, model = build(family_dirs[model_type], "model.dtype=bfloat16", "lr=2e-3", *moe_knobs,
                        tensor=tensor, expert=expert if model_type in MOE_FAMILIES else 1)
-    optimizer = build_optimizer(cfg, model.module)
+    optimizer = build_optimizer(cfg, model.module, XlaEngine().optimizer_class(cfg.optimizer))
     model.train()
     losses, compiles, drops = [], [], []
     for step in range(3):

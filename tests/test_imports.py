@@ -110,3 +110,58 @@ def test_no_module_imports_another_modules_private_names():
                for module in MODULES for target, name, line in imports(module)
                if name and name.startswith("_") and not name.startswith("__")]
     assert not private, "private names used outside their module: " + "; ".join(private)
+
+
+# --------------------------------------------------------------- the engines' libraries
+
+# torch_xla and torch.distributed.tensor belong to the engines (clm/engine) and the modules they
+# put together: the XLA runtime, the mesh and placements, checkpoints, and the model's XLA kernels.
+ENGINE_LIBRARIES = ("torch_xla", "torch.distributed.tensor")
+ENGINE_OWNED = ("clm.engine", "clm.runtime", "clm.parallel", "clm.checkpoint",
+                "clm.model.attention", "clm.model.grouped_matmul")
+# Modules above the engines on the trainer's path that still import one, each with its reason.
+# None today: the trainer, model plan, MoE experts, data, optimizer, schedules and run log are
+# plain PyTorch (torch_xla reaches them only through clm.runtime's helpers, e.g. attention's
+# on_tpu, which import it only for XLA tensors). A new entry needs a one-line reason.
+STILL_IMPORTS: dict[str, str] = {}
+
+
+def library_imports(module: str) -> list[tuple[str, int]]:
+    """(imported module, line) of every import of `module`, clm's and others', at any depth."""
+    found = []
+    for node in ast.walk(ast.parse(MODULES[module].read_text(), str(MODULES[module]))):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found += [(f"{node.module}.{alias.name}", node.lineno) for alias in node.names]
+    return found
+
+
+def is_engine_owned(module: str) -> bool:
+    return any(module == owner or module.startswith(owner + ".") for owner in ENGINE_OWNED)
+
+
+def trainer_path() -> set[str]:
+    """clm.train and every clm module it reaches through imports, not through the engine-owned ones."""
+    graph, reached, todo = import_graph(), set(), ["clm.train"]
+    while todo:
+        module = todo.pop()
+        if module in reached or is_engine_owned(module):
+            continue
+        reached.add(module)
+        todo += graph[module]
+    return reached
+
+
+def test_the_trainer_path_imports_no_engine_library_outside_the_engines():
+    offenders = {}
+    for module in sorted(trainer_path()):
+        lines = [f"{name} (line {line})" for name, line in library_imports(module)
+                 if any(name == lib or name.startswith(lib + ".") for lib in ENGINE_LIBRARIES)]
+        if lines:
+            offenders[module] = lines
+    unexpected = {m: lines for m, lines in offenders.items() if m not in STILL_IMPORTS}
+    assert not unexpected, ("above the engines, only clm/engine and the modules it owns import torch_xla or "
+                            f"torch.distributed.tensor: {unexpected}")
+    stale = sorted(set(STILL_IMPORTS) - set(offenders))
+    assert not stale, f"STILL_IMPORTS lists modules that no longer import an engine library: {stale}"

@@ -30,7 +30,7 @@ def build(overrides: list[str]):
     from clm.model.build import build_sharded_model
     from clm.model.plan import ModelPlan
 
-    cfg = load_config(["model.dtype=float32", *overrides], num_devices=runtime.device_count)
+    cfg = load_config(["model.dtype=float32", *overrides], num_devices=runtime.device_count())
     runtime.setup(None, False)
     shape = parallel.mesh_shape(runtime.device_count(), cfg.tensor_parallelism, cfg.expert_parallelism, 1)
     return cfg, build_sharded_model(ModelPlan.from_config(cfg, shape))

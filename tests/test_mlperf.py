@@ -165,13 +165,14 @@ class ShorterBatchesAfter:
 def test_a_recompilation_after_warmup_is_one_warning_with_step_and_cause_and_is_counted(tmp_path, caplog):
     from clm.model.plan import ModelPlan
     from clm.parallel import mesh_shape
+    from clm.engine.xla import XlaEngine
     from clm.train import Trainer
 
     cfg = config(tmp_path, "max_steps=5", "eval_frequency=100", "do_first_eval=false", "wandb.mode=disabled")
-    trainer = Trainer(ModelPlan.from_config(cfg, mesh_shape(runtime.device_count(), 1, 1, 1)))
+    trainer = Trainer(ModelPlan.from_config(cfg, mesh_shape(runtime.device_count(), 1, 1, 1)), XlaEngine())
     trainer.train_batches = ShorterBatchesAfter(trainer.train_batches, n=4)
     # A late closure thread, as on a busy host: it writes no row before step 4 (which recompiles) is cut.
-    runtime.run_async(trainer.train_batches.past_n.wait, 300)
+    trainer.engine.run_async(trainer.train_batches.past_n.wait, 300)
     try:
         with caplog.at_level(logging.WARNING, logger="clm.observe.recompiles"):
             summary = trainer.train()

@@ -31,6 +31,7 @@ def test_startup_builds_the_meta_model_once_and_reads_each_header_once(tmp_path,
     from transformers import AutoModelForCausalLM
 
     from clm.config import load_config
+    from clm.engine.xla import XlaEngine
     from clm.errors import UserError
     from clm.model.plan import ModelPlan
     from clm.observe.run_log import RunLog
@@ -48,7 +49,7 @@ def test_startup_builds_the_meta_model_once_and_reads_each_header_once(tmp_path,
         # Less than any setting needs: the search tries every fallback, on 4 devices and on 1.
         with pytest.raises(UserError, match="no smaller setting of this model fits"):
             preflight(model_plan, "CPU", "CPU", available_bytes=1e9)
-        RunLog(cfg, {}, enabled=False).run_config(optimizer_defaults={"betas": (0.9, 0.999), "eps": 1e-8},
-                                                  warmup_steps=0, eval_samples=1, model_plan=model_plan, num_devices=4)
+        RunLog(cfg, {}, XlaEngine(), enabled=False).run_config(
+            optimizer_defaults={"betas": (0.9, 0.999), "eps": 1e-8}, warmup_steps=0, eval_samples=1, model_plan=model_plan, num_devices=4)
     assert built.call_count == 1
     assert sorted(Path(call.args[0]).name for call in opened.call_args_list) == model_plan.checkpoint.files

@@ -8,7 +8,9 @@ import torch_xla
 
 from clm import runtime
 from clm.config import load_config
-from clm.optim import build_optimizer, prime_optimizer
+from clm.engine.dtensor import DTensorEngine
+from clm.engine.xla import XlaEngine
+from clm.optim import build_optimizer
 
 LR, WD, BETA1, BETA2, EPS = 2e-3, 0.1, 0.9, 0.999, 1e-8
 
@@ -25,28 +27,33 @@ def adamw_by_hand(param, grads, steps_before=0, wd=WD):
     return p
 
 
-@pytest.mark.parametrize("optimizer", ["ADAMW_TORCH_XLA", "AdamW"])
-def test_priming_is_one_zero_gradient_step_then_training_uses_step_2s_bias_correction(optimizer):
+@pytest.mark.parametrize("backend, optimizer", [("xla", "ADAMW_TORCH_XLA"), ("xla", "AdamW"),
+                                                ("dtensor", "ADAMW_TORCH_XLA")])
+def test_priming_is_one_zero_gradient_step_then_training_uses_step_2s_bias_correction(backend, optimizer):
+    """On XLA torch_xla's own priming (and syncfree AdamW); on the DTensor engine clm's plain one
+    (and torch's AdamW for ADAMW_TORCH_XLA), on CPU tensors here."""
     cfg = load_config([f"optimizer={optimizer}", f"lr={LR}", f"weight_decay={WD}"], num_devices=runtime.device_count())
+    engine = XlaEngine() if backend == "xla" else DTensorEngine()
+    device = torch_xla.device() if backend == "xla" else torch.device("cpu")
     torch.manual_seed(0)
     start = torch.randn(16, 8)
     grad = torch.randn(16, 8)
 
     def one_real_step(prime: bool) -> torch.Tensor:
-        model = torch.nn.Linear(8, 16, bias=False).to(torch_xla.device())
+        model = torch.nn.Linear(8, 16, bias=False).to(device)
         with torch.no_grad():
             model.weight.copy_(start.to(model.weight.device))
-        torch_xla.sync()
-        opt = build_optimizer(cfg, model)
+        engine.cut()
+        opt = build_optimizer(cfg, model, engine.optimizer_class(cfg.optimizer))
         if prime:
-            prime_optimizer(opt)
+            engine.prime_optimizer(opt)
             assert int(opt.state[model.weight]["step"]) == 1
             assert model.weight.grad is None
             # One decoupled weight decay and nothing else (zero moments give a zero update).
             torch.testing.assert_close(model.weight.cpu(), start * (1 - LR * WD), rtol=1e-6, atol=0)
         model.weight.grad = grad.to(model.weight.device)
         opt.step()
-        torch_xla.sync()
+        engine.cut()
         return model.weight.detach().cpu()
 
     primed, unprimed = one_real_step(True), one_real_step(False)
@@ -96,13 +103,13 @@ def test_default_and_mlperf_presets_decay_what_the_reference_decays_every_mixtra
     assert len(names) == 1 + 56 * 9 + 2  # embeddings; per layer q, k, v, o, router, gate_up, down, 2 norms; norm, head
     assert all(reference_decays(name) for name in names), "the reference's patterns now match a Mixtral parameter"
     cfg = load_config([*preset, "optimizer=AdamW"], num_devices=256)
-    decay = decay_of(build_optimizer(cfg, mixtral_8x22b))
+    decay = decay_of(build_optimizer(cfg, mixtral_8x22b, torch.optim.AdamW))
     assert {name: decay[id(p)] for name, p in names.items()} == {name: cfg.weight_decay for name in names}
 
 
 def test_norms_and_biases_can_be_exempt_as_megatron_does(mixtral_8x22b):
     cfg = load_config(["optimizer=AdamW", "weight_decay_norms_and_biases=false"], num_devices=4)
-    decay = decay_of(build_optimizer(cfg, mixtral_8x22b))
+    decay = decay_of(build_optimizer(cfg, mixtral_8x22b, torch.optim.AdamW))
     exempt = {name for name, p in mixtral_8x22b.named_parameters() if decay[id(p)] == 0.0}
     assert exempt == {name for name, p in mixtral_8x22b.named_parameters() if p.dim() == 1}
     assert exempt and all(name.endswith("norm.weight") for name in exempt)
@@ -110,7 +117,7 @@ def test_norms_and_biases_can_be_exempt_as_megatron_does(mixtral_8x22b):
     model = torch.nn.Module()
     model.experts_bias = torch.nn.Parameter(torch.zeros(4, 8))
     model.proj = torch.nn.Linear(8, 8)
-    decay = decay_of(build_optimizer(cfg, model))
+    decay = decay_of(build_optimizer(cfg, model, torch.optim.AdamW))
     assert [decay[id(p)] for p in (model.experts_bias, model.proj.bias, model.proj.weight)] == [0.0, 0.0, WD]
 
 
@@ -119,7 +126,7 @@ def test_a_step_decays_norm_weights_unless_exempt(exempt):
     cfg = load_config(["optimizer=AdamW", f"lr={LR}", f"weight_decay={WD}",
                        f"weight_decay_norms_and_biases={str(not exempt).lower()}"], num_devices=4)
     norm = torch.nn.LayerNorm(8)
-    optimizer = build_optimizer(cfg, norm)
+    optimizer = build_optimizer(cfg, norm, torch.optim.AdamW)
     for p in norm.parameters():
         p.grad = torch.zeros_like(p)  # zero moments: the step is the decoupled decay alone
     optimizer.step()

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 import clm.model.config
 from clm import runtime
+from clm.engine.xla import XlaEngine
 from clm.train import Trainer, train
 from runs import GROUP, config
 
@@ -103,14 +104,14 @@ def test_after_warmup_no_recompilation_and_no_host_transfer_outside_log_steps(tm
     from clm.model.plan import ModelPlan
     from clm.parallel import mesh_shape
 
-    trainer = Trainer(ModelPlan.from_config(cfg, mesh_shape(runtime.device_count(), 1, 1, 1)))
+    trainer = Trainer(ModelPlan.from_config(cfg, mesh_shape(runtime.device_count(), 1, 1, 1)), XlaEngine())
     for _ in range(2):  # warm-up: a step without, then with optimizer state
         trainer.train_step()
-    runtime.wait_for_async_closures()
+    trainer.engine.wait_for_async()
     for step in range(3, 13):  # log steps 3, 6, 9, 12 and the steps between
         compiles, transfers = count("CompileTime"), count("TransferFromDeviceTime")
         trainer.train_step()
-        runtime.wait_for_async_closures()  # the closure's transfer, if any, has happened
+        trainer.engine.wait_for_async()  # the closure's transfer, if any, has happened
         assert count("CompileTime") == compiles, f"step {step} compiled a graph of its own"
         expected = 0 if step % cfg.log_frequency else 1
         assert count("TransferFromDeviceTime") - transfers == expected, f"step {step}: device-to-host transfers"
@@ -131,19 +132,19 @@ def test_a_rows_time_is_when_its_steps_values_reached_the_host(tmp_path):
     from clm.parallel import mesh_shape
 
     cfg = config(tmp_path, "max_steps=10", "eval_frequency=100", "do_first_eval=false", "wandb.mode=disabled")
-    trainer = Trainer(ModelPlan.from_config(cfg, mesh_shape(runtime.device_count(), 1, 1, 1)))
+    trainer = Trainer(ModelPlan.from_config(cfg, mesh_shape(runtime.device_count(), 1, 1, 1)), XlaEngine())
     try:
         for _ in range(2):
             trainer.train_step()
-        runtime.wait_for_async_closures()
+        trainer.engine.wait_for_async()
         gate = threading.Event()
-        runtime.run_async(gate.wait)  # the closure thread waits here; step 3's row queues behind it
+        trainer.engine.run_async(gate.wait)  # the closure thread waits here; step 3's row queues behind it
         trainer.train_step()
         queued = trainer.log.elapsed()
         xm.wait_device_ops()  # the device is done with step 3: its values could be read from now on
         released = trainer.log.elapsed()
         gate.set()
-        runtime.wait_for_async_closures()
+        trainer.engine.wait_for_async()
     finally:
         trainer.close()
     trains = [r for r in rows(cfg) if "train/loss" in r]
@@ -165,7 +166,7 @@ def test_checkpoint_manager_path_starts_from_the_saved_weights(tmp_path):
     def build(output_dir, *overrides):
         # Without priming, whose weight decay would move the weights after the load.
         cfg = config(output_dir, *overrides, "prime_optimizer=false")
-        trainer = Trainer(ModelPlan.from_config(cfg, mesh_shape(runtime.device_count(), 1, 1, 1)))
+        trainer = Trainer(ModelPlan.from_config(cfg, mesh_shape(runtime.device_count(), 1, 1, 1)), XlaEngine())
         trainer.train_batches.close()
         return {name: p.detach().cpu() for name, p in trainer.model.named_parameters()}, trainer
 

@@ -305,7 +305,7 @@ def _build(overrides: list[str]):
     from clm.model.build import build_sharded_model
     from clm.model.plan import ModelPlan
 
-    cfg = load_config(overrides, num_devices=runtime.device_count)
+    cfg = load_config(overrides, num_devices=runtime.device_count())
     runtime.setup(None, cfg.full_precision)
     shape = parallel.mesh_shape(runtime.device_count(), cfg.tensor_parallelism, cfg.expert_parallelism, 1)
     model = build_sharded_model(ModelPlan.from_config(cfg, shape))
@@ -393,7 +393,7 @@ if __name__ == "__main__":
         from clm.model.config import meta_model
         from clm.model.plan import ModelPlan
 
-        cfg = load_config(rest, num_devices=runtime.device_count)
+        cfg = load_config(rest, num_devices=runtime.device_count())
         runtime.setup(None, False)
         shape = parallel.mesh_shape(runtime.device_count(), 1, 1, 1)
         mesh = parallel.build_mesh(shape)

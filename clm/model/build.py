@@ -24,6 +24,7 @@ import re
 from dataclasses import dataclass, field
 from functools import partial
 from types import MethodType
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,16 +33,18 @@ from clm import parallel
 from clm.model import attention, grouped_matmul, init, moe, weights
 from clm.model.config import meta_model
 from clm.model.plan import ModelPlan
+from clm.parallel.placement import place, place_replicated
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class LossTerms:
-    """What one forward gives the trainer, as device tensors."""
+    """What one forward gives the trainer, as device tensors, over the whole global batch."""
 
     loss_sum: torch.Tensor  # next-token cross-entropy summed over the scored labels
     num_scored: torch.Tensor  # labels that are not ignored
+    num_inputs: torch.Tensor  # input tokens (every input: inputs are never pad_token_id)
     aux_loss: torch.Tensor  # the family's load-balancing loss, unweighted (0 where it has none)
     aux_loss_coef: float  # its weight in the training loss (the family's router_aux_loss_coef; 0 if none)
     router_metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # MoE models, in training
@@ -60,24 +63,27 @@ class ShardedModel:
     """A transformers causal LM sharded on a mesh, with everything it needs for that mesh.
 
     `.module` is transformers' model (its parameters, state_dict and checkpoint names are
-    transformers'); the trainer calls `loss_terms` and, after each optimizer step,
-    `update_router_bias`.
+    transformers'); the trainer calls `loss_terms`, `clip_grad_norm` and, after each optimizer
+    step, `update_router_bias`. Built by an engine (clm.engine): `build_sharded_model` below
+    on XLA, where `annotate_logits` shards the logits and `forward_kwargs` carry the flash
+    kernel's partitioning; the DTensor engine's subclass adds its processes' reductions.
     """
 
-    def __init__(self, module, mesh, mesh_shape: parallel.MeshShape, placements: dict,
-                 routing: moe.Routing | None, attention_choice: attention.Choice,
-                 router_bias_update_rate: float | None):
+    def __init__(self, module, mesh, mesh_shape: parallel.MeshShape, routing: moe.Routing | None,
+                 attention_choice: attention.Choice, router_bias_update_rate: float | None, *,
+                 placements: dict | None = None, forward_kwargs: dict | None = None,
+                 annotate_logits: Callable[[torch.Tensor], object] | None = None):
         self.module = module
         self.mesh = mesh
         self.mesh_shape = mesh_shape
-        self.placements = placements
+        self.placements = placements or {}  # {name: clm.parallel.Placement} on XLA
         self.routing = routing
         self.attention = attention_choice
         self.router_bias_update_rate = router_bias_update_rate  # None: the correction bias stays put
         # Passed with every forward down to the attention function (transformers forwards its
-        # keyword arguments to it): the flash kernel's partitioning for this mesh.
-        self.forward_kwargs = (
-            {"partitioning": attention.Partitioning(mesh, parallel.attention_spec())} if attention_choice.flash else {})
+        # keyword arguments to it).
+        self.forward_kwargs = forward_kwargs or {}
+        self.annotate_logits = annotate_logits
         self._step_load: torch.Tensor | None = None  # expert load summed over this step's micro-batches
 
     # ---- what a torch module offers, delegated
@@ -107,11 +113,10 @@ class ShardedModel:
 
     # ---- forward and loss
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits [B, S, V], rows sharded over the data axes and vocab over tensor."""
-        import torch_xla.distributed.spmd as xs
-
+        """Logits [B, S, V] (on XLA rows sharded over the data axes and vocab over tensor)."""
         logits = self.module(input_ids=input_ids, **self.forward_kwargs).logits
-        xs.mark_sharding(logits, self.mesh, parallel.logits_spec())
+        if self.annotate_logits is not None:
+            self.annotate_logits(logits)
         return logits
 
     def loss_terms(self, input_ids: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> LossTerms:
@@ -124,7 +129,8 @@ class ShardedModel:
         labels = labels.reshape(-1)
         loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels, ignore_index=ignore_index,
                                    reduction="sum")
-        terms = LossTerms(loss_sum, (labels != ignore_index).sum(), torch.zeros((), device=logits.device), 0.0)
+        terms = LossTerms(loss_sum, num_scored=(labels != ignore_index).sum(), num_inputs=(input_ids != ignore_index).sum(),
+                          aux_loss=torch.zeros((), device=logits.device), aux_loss_coef=0.0)
         if self.routing is not None and self.module.training:
             aux = self.routing.load_balancing_loss(*input_ids.shape)
             if aux is not None:
@@ -134,6 +140,12 @@ class ShardedModel:
                 load = self.routing.expert_load()
                 self._step_load = load if self._step_load is None else self._step_load + load
         return terms
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """The total gradient norm before clipping; clips only when max_grad_norm > 0 (as the reference)."""
+        if max_norm > 0:
+            return torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
+        return torch.nn.utils.get_total_norm([p.grad for p in self.module.parameters() if p.grad is not None])
 
     def update_router_bias(self) -> None:
         """After an optimizer step: aux-loss-free balancing from the step's expert load
@@ -149,6 +161,7 @@ class ShardedModel:
 def build_sharded_model(model_plan: ModelPlan) -> ShardedModel:
     """The model of a checked plan (clm.model.plan.ModelPlan) on its mesh, sharded, filled and ready to train."""
     import torch_xla
+    import torch_xla.distributed.spmd as xs
 
     cfg, mesh_shape = model_plan.cfg, model_plan.mesh_shape
     # A meta model of its own, not the plan's: to_empty below moves this one onto the device in
@@ -158,17 +171,24 @@ def build_sharded_model(model_plan: ModelPlan) -> ShardedModel:
     module.set_attn_implementation(model_plan.attention.implementation)
     logger.info("attention: %s", model_plan.attention.reason)
 
-    _cast(module, getattr(torch, cfg.model.dtype))
+    cast_parameters(module, getattr(torch, cfg.model.dtype))
     module.to_empty(device=torch_xla.device())
     module.tie_weights()  # to_empty gives every parameter its own storage, tied ones too
 
     mesh = parallel.build_mesh(mesh_shape)
     placements = parallel.shard_parameters(module, mesh, model_plan.shardings)
-    init.initialize_buffers(module, placements)
+
+    def put(name, tensor, host):
+        if name in placements:
+            place(tensor, placements[name], lambda index: host[index])
+        else:
+            place_replicated(tensor, host)
+
+    init.initialize_buffers(module, put)
     if model_plan.checkpoint is not None:
         weights.load(module, placements, model_plan.checkpoint)
     else:
-        init.initialize_parameters(module, placements, cfg.seed)
+        init.initialize_parameters(module, cfg.seed, put)
 
     routing = None
     if model_plan.is_moe:
@@ -188,11 +208,18 @@ def build_sharded_model(model_plan: ModelPlan) -> ShardedModel:
                                                                        mesh_shape))
     if cfg.model.fsdp_config.xla_fsdp_grad_ckpt:
         enable_activation_checkpointing(module, routing, cfg.model.fsdp_config.fsdp_transformer_layer_cls_to_wrap)
-    return ShardedModel(module, mesh, mesh_shape, placements, routing, model_plan.attention,
-                        model_plan.router_bias_update_rate)
+    # The flash kernel's q/k/v partitioning for this mesh, passed down with every forward.
+    forward_kwargs = ({"partitioning": attention.Partitioning(mesh, parallel.attention_spec())}
+                      if model_plan.attention.flash else {})
+
+    def annotate_logits(logits):
+        xs.mark_sharding(logits, mesh, parallel.logits_spec())
+
+    return ShardedModel(module, mesh, mesh_shape, routing, model_plan.attention, model_plan.router_bias_update_rate,
+                        placements=placements, forward_kwargs=forward_kwargs, annotate_logits=annotate_logits)
 
 
-def _cast(module, dtype: torch.dtype) -> None:
+def cast_parameters(module, dtype: torch.dtype) -> None:
     """Parameters in `dtype`, except those the family keeps in fp32 whatever the dtype
     (`_keep_in_fp32_modules_strict`), as from_pretrained does. Buffers keep the dtype the
     model computes them in (rotary frequencies and DeepSeek's correction bias in fp32)."""

@@ -4,8 +4,8 @@ XLA's RNG keeps a sharded init equal to an unsharded one by generating the whole
 random bits on every device, so N virtual devices on one host held N copies of the largest
 parameter at once. Instead each parameter is generated once on the host by transformers'
 own `_init_weights`, from torch's CPU generator (mt19937) seeded from (seed, parameter name),
-then placed sharded and freed before the next. Same seed, same values, whatever the mesh or
-device count.
+then handed to the engine's `put` (placed sharded on XLA, its shard taken on DTensor) and freed
+before the next. Same seed, same values, whatever the mesh, the device count or the engine.
 
 transformers initialises a model bottom-up (`initialize_weights`: children, then their
 parent), and some families' parents re-initialise a child's tensor (GPT-2 scales its residual
@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from typing import Callable
 
 import torch
 
-from clm.parallel.placement import place, place_replicated
+# put(name, model tensor, host values): fill the model's tensor (sharded or not) from the host's
+# full tensor, keeping only what this process's devices hold.
+Put = Callable[[str, torch.Tensor, torch.Tensor], None]
 
 # Parameters randomly initialised in this process: a pretrained start must leave it at 0
 # (the load benchmark and tests read it).
@@ -34,30 +37,25 @@ def parameter_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
 
 
-def initialize_parameters(model, placements: dict, seed: int) -> int:
+def initialize_parameters(model, seed: int, put: Put) -> int:
     """transformers' init of every parameter, one at a time; returns how many were initialised."""
     count = 0
     with _all_on_meta(model) as slots:
         for name, chain, key, tensor in slots["_parameters"]:
             host = _init_on_host(model, chain, "_parameters", key, tensor, parameter_seed(seed, name))
-            place(tensor, placements[name], lambda index: host[index])
+            put(name, tensor, host)
             del host
             count += 1
             initialized["parameters"] += 1
     return count
 
 
-def initialize_buffers(model, placements: dict) -> None:
+def initialize_buffers(model, put: Put) -> None:
     """Buffers: computed, not random (rotary inv_freq, DeepSeek's zero correction bias), and
-    needed by every start. Those with a placement (persistent ones: state to checkpoint) are
-    placed with their sharding annotation, the others copied to every device."""
+    needed by every start."""
     with _all_on_meta(model) as slots:
         for name, chain, key, tensor in slots["_buffers"]:
-            host = _init_on_host(model, chain, "_buffers", key, tensor, 0)
-            if name in placements:
-                place(tensor, placements[name], lambda index: host[index])
-            else:
-                place_replicated(tensor, host)
+            put(name, tensor, _init_on_host(model, chain, "_buffers", key, tensor, 0))
 
 
 @contextlib.contextmanager

@@ -347,7 +347,11 @@ class AuxLoss:
 
     @staticmethod
     def of(model: torch.nn.Module) -> AuxLoss | None:
-        function = getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
+        # The family's modeling module: that of the model's class, or of the class it derives
+        # from where an engine subclassed it (FSDP2's fully_shard makes FSDP<Class>).
+        function = next((vars(sys.modules[cls.__module__]).get("load_balancing_loss_func")
+                         for cls in type(model).__mro__
+                         if "load_balancing_loss_func" in vars(sys.modules[cls.__module__])), None)
         if function is None or not hasattr(model, "router_aux_loss_coef"):
             return None  # the family has none (DeepSeek-V3 balances with its correction bias)
         return AuxLoss(function, int(model.num_experts), int(model.num_experts_per_tok),

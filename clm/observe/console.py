@@ -44,11 +44,19 @@ class _ConsoleHandler(logging.Handler):
             self.handleError(record)
 
 
+def reports() -> bool:
+    """Whether this process prints the run's lines (and a bad input's one line): under torchrun
+    (one process per device, the DTensor engine) process 0 alone, whose RANK the launcher sets;
+    elsewhere every process (XLA: one per host)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def say(line: str) -> None:
     """One line of the run's own output, on stdout (eval losses, resume, a stop)."""
     from tqdm import tqdm
 
-    tqdm.write(redact_text(line), file=sys.stdout)
+    if reports():
+        tqdm.write(redact_text(line), file=sys.stdout)
 
 
 def _not_device_choice(record: logging.LogRecord) -> bool:

@@ -16,9 +16,9 @@ The points, in the order a run reaches them:
     summarize(...)            the Summary (print_summary prints its one line)
     close()                   the writers closed; runs from the trainer's `finally`
 
-A step's row is written on torch_xla's closure thread: the step's values are one stacked
-tensor, read there in one device-to-host transfer that waits for the device, and the row is
-stamped after that read (`perf/elapsed_seconds`): never before the step's values reached the
+A step's row is written on the engine's thread (torch_xla's closure thread on XLA; clm.engine):
+the step's values are one stacked tensor, read there in one device-to-host transfer that waits
+for the device, and the row is stamped after that read (`perf/elapsed_seconds`): never before the step's values reached the
 host, so never the time the host took to enqueue steps (it runs ahead of the device). What
 that thread shares with the main thread (the step clock, the metrics writer, the Summary) is
 behind one lock; the recompile count is the main thread's and goes to the row as of its step.
@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from clm import runtime
+from clm.engine import Engine
 from clm.metrics import MetricsWriter, mfu
 from clm.model.plan import ModelPlan
 from clm.observe import console
@@ -106,23 +106,26 @@ def print_summary(summary: Summary, run_dir: str) -> None:
             return f"{value:.4g}"
         return str(value)
 
-    print("clm: " + " ".join(f"{key}={fmt(value)}" for key, value in fields.items()), flush=True)
+    if console.reports():
+        print("clm: " + " ".join(f"{key}={fmt(value)}" for key, value in fields.items()), flush=True)
 
 
 class RunLog:
-    def __init__(self, cfg, resolved_config: dict, *, enabled: bool = True):
-        """`enabled`: this process writes (process 0); the others only keep time and state."""
+    def __init__(self, cfg, resolved_config: dict, engine: Engine, *, enabled: bool = True):
+        """`enabled`: this process writes (process 0); the others only keep time and state.
+        `engine` runs the rows' closures (Engine.run_async) and counts compilations."""
         self.cfg = cfg
+        self.engine = engine
         self.origin = time.perf_counter()  # perf/elapsed_seconds counts from here (init start)
         self.mlperf = MLPerfLogger(os.path.join(cfg.run_dir, "mlperf_compliance.log"), enabled=enabled)
         self.mlperf.init_start()
         self.wandb = WandbRun(cfg.wandb, cfg.run_dir, resolved_config, enabled=enabled)
         self.metrics = MetricsWriter(cfg.run_dir, enabled=enabled, wandb_run=self.wandb)
-        self.recompiles = RecompileWatch(runtime.compile_count, runtime.compile_analysis_file(),
+        self.recompiles = RecompileWatch(engine.compile_count, engine.compile_analysis_file(),
                                          warmup={"train": WARMUP_STEPS, "eval": 1}, enabled=enabled)
         self.summary = Summary(tokens_per_step=cfg.global_train_batch_size * cfg.max_length)
         self._last_row = (0, self.origin)  # (step, time its values reached the host) of the last train row
-        # Train rows are written on torch_xla's closure thread while the main thread goes on:
+        # Train rows are written on the engine's thread while the main thread goes on:
         # the step clock (_last_row), the metrics writer and the Summary change only under this lock.
         self._rows = threading.Lock()
         self._first_step = 0  # of this process: its first steps compile
@@ -140,7 +143,7 @@ class RunLog:
                    num_devices: int) -> None:
         """The built run: MLPerf's submission and hyperparameter keys, and MFU's inputs (the model
         plan's FLOPs per token)."""
-        self._devices, self._device_kind = num_devices, runtime.device_kind()
+        self._devices, self._device_kind = num_devices, self.engine.device_kind()
         self.mlperf.run_config(
             self.cfg, optimizer_defaults=optimizer_defaults, warmup_steps=warmup_steps, eval_samples=eval_samples,
             aux_loss_coef=getattr(model_plan.hf_config, "router_aux_loss_coef", 0.0),
@@ -175,11 +178,11 @@ class RunLog:
         if step % self.cfg.log_frequency == 0 or step == self.cfg.max_steps:
             # The recompile watch is the main thread's: the row gets its count as of this step,
             # not of whatever step the main thread has reached when the closure runs.
-            runtime.run_async(self._train_row, step, lr, keys, values, skipped_lines, self.recompiles.after_warmup)
+            self.engine.run_async(self._train_row, step, lr, keys, values, skipped_lines, self.recompiles.after_warmup)
 
     def _train_row(self, step: int, lr: float, keys: list[str], device_values: torch.Tensor,
                    skipped_lines: int, compiles_after_warmup: int) -> None:
-        """On torch_xla's closure thread: one transfer, which waits for the device to finish the step."""
+        """On the engine's thread: one transfer, which waits for the device to finish the step."""
         values = dict(zip(keys, device_values.cpu().tolist()))
         arrived = time.perf_counter()  # the step's values are on the host: the row's time, after the read
         values["train/num_tokens"] = int(values["train/num_tokens"])
@@ -206,6 +209,10 @@ class RunLog:
                 self.summary.step_times.append((step_time, step - last_step))
                 self.summary.mfu = values["perf/mfu"]
 
+    def flush(self) -> None:
+        """Block until every queued train row has been written (before a checkpoint saves the writers)."""
+        self.engine.wait_for_async()
+
     def eval_start(self, samples: int) -> None:
         # The queued train rows first, so that every training window ends here, once the host
         # has the values of every step before the eval (a device sync), and excludes eval time.
@@ -213,14 +220,14 @@ class RunLog:
         # runs late: in the default job on 2 shared cores the last 3-4 rows before each eval were
         # stamped within 10 ms of each other. Single rows can be bunched; windows between evals
         # (the summary's step time) are honest.
-        runtime.wait_for_async_closures()
+        self.flush()
         self.mlperf.eval_start(samples)
 
     def after_eval(self, step: int, samples: int, eval_loss: float, *, num_tokens: int, skipped_lines: int) -> None:
         """An evaluation ended (its loss is on the host): its row, MLPerf's eval keys, the console line."""
         self.recompiles.observe("eval", step)
         self.mlperf.eval_stop(samples, eval_loss)
-        runtime.wait_for_async_closures()  # rows in step order: this step's train row first
+        self.flush()  # rows in step order: this step's train row first
         with self._rows:
             self.metrics.write(step, {"eval/loss": eval_loss, "eval/num_tokens": num_tokens,
                                       "data/eval_skipped_lines": skipped_lines})
@@ -236,13 +243,13 @@ class RunLog:
 
     def summarize(self, loop, stop_reason: str, *, skipped_lines: int) -> Summary:
         """The run's Summary, once every row has been written."""
-        runtime.wait_for_async_closures()
+        self.flush()
         with self._rows:
             s = self.summary
             s.stop_reason, s.steps = stop_reason, loop.step
             s.eval_loss, s.best_eval_loss = loop.eval_loss, loop.best_eval_loss
             s.wall_seconds = time.perf_counter() - self._started
-            s.compiles, s.compiles_after_warmup = runtime.compile_count(), self.recompiles.after_warmup
+            s.compiles, s.compiles_after_warmup = self.engine.compile_count(), self.recompiles.after_warmup
             s.skipped_lines = skipped_lines
         return s
 
@@ -250,7 +257,7 @@ class RunLog:
         """Close every writer, after the rows still queued (also when the run failed: a row
         written after its file closed would reopen, and truncate, metrics.jsonl)."""
         try:
-            runtime.wait_for_async_closures()
+            self.flush()
         finally:
             with self._rows:  # when the wait was cut short, after the row being written
                 self.metrics.close()
