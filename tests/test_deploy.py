@@ -176,9 +176,19 @@ def test_launched_overrides_compose_into_a_valid_config():
 
     run = job.Job(overrides=REPRESENTATIVE_VALUES["overrides"], num_slices=2,
                   compile_cache_dir="/gcs/compile_cache")
-    cfg = load_config(run.hydra_overrides(), num_devices=lambda: 256)
+    cfg = load_config(run.hydra_overrides(), num_devices=256)
     assert cfg.num_slices == 2 and cfg.local_compile_cache_dir == "/gcs/compile_cache"
     assert cfg.model.config_path.endswith("mixtral822.json")
+
+
+def test_gpu_launched_overrides_compose_into_a_valid_dtensor_config():
+    from clm.config import load_config
+
+    run = job.GpuJob(overrides=REPRESENTATIVE_VALUES["overrides"], num_nodes=2, gpus_per_node=8,
+                     compile_cache_dir="/gcs/compile_cache")
+    asked = []
+    cfg = load_config(run.hydra_overrides(), num_devices=lambda engine: asked.append(engine) or 16)
+    assert asked == ["dtensor"] and cfg.backend == "dtensor" and cfg.global_train_batch_size == 256
 
 
 # ------------------------------------------------------------------ the Helm chart's GPU mode and gke-gpu
