@@ -50,6 +50,7 @@ class ModelConfig:
     name_or_path: Optional[str] = MISSING
     tokenizer_name_or_path: Optional[str] = MISSING
     dtype: str = MISSING
+    compute_dtype: Optional[str] = MISSING
     flash_attention: bool = MISSING
     capacity_factor: float = MISSING
     router_bias_update: bool = MISSING
@@ -301,6 +302,9 @@ def _validate(cfg: DictConfig, num_devices: int) -> None:
         )
     if cfg.model.dtype not in DTYPES:
         raise UserError(f"model.dtype={cfg.model.dtype}: use one of {', '.join(DTYPES)}")
+    if cfg.model.compute_dtype is not None and cfg.model.compute_dtype not in DTYPES:
+        raise UserError(f"model.compute_dtype={cfg.model.compute_dtype}: use one of {', '.join(DTYPES)}, or null "
+                        "(compute in model.dtype)")
     if cfg.full_precision and cfg.model.dtype != "float32":
         raise UserError(f"full_precision=true needs model.dtype=float32 (got {cfg.model.dtype})")
     if not 0 <= cfg.sched.warmup_ratio <= 1:

@@ -149,6 +149,7 @@ def run_cli(*overrides, cwd=REPO):
         (["global_train_batch_size=6"], "global_train_batch_size"),
         (["model.config_path=no_such_model.json"], "model.config_path=no_such_model.json"),
         (["max_length=8192"], "max_position_embeddings=4096"),
+        (["model.compute_dtype=bfloat16"], "model.compute_dtype=bfloat16: not built yet on backend=xla"),
     ],
 )
 def test_cli_bad_input_is_one_line_nonzero_exit_no_traceback_and_keeps_old_files(tmp_path, overrides, names):

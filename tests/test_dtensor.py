@@ -94,6 +94,27 @@ def test_fsdp4_on_gloo_processes_matches_xla_spmd_on_four_devices(data_dir, tmp_
 
 
 @pytest.mark.slow
+def test_megatron_mixed_precision_computes_in_bf16_and_keeps_fp32_parameters_and_optimizer(data_dir, tmp_path):
+    """model.compute_dtype=bfloat16 with model.dtype=float32 (FSDP2's MixedPrecisionPolicy): the
+    losses track the fp32 run's; what is saved (parameters, AdamW's moments) stays fp32."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    runs = {}
+    for name, knobs in (("fp32", []), ("mixed", ["model.compute_dtype=bfloat16"])):
+        result = torchrun(PROCESSES, *SHAPES, *data(data_dir), *knobs, f"output_dir={tmp_path / name}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = metrics(tmp_path / name / "moe_trial")
+    for step in range(1, 6):
+        assert runs["mixed"][step]["train/loss"] == pytest.approx(runs["fp32"][step]["train/loss"], rel=1e-2)
+        assert runs["mixed"][step]["train/loss"] != runs["fp32"][step]["train/loss"]  # it did compute in bf16
+    saved = FileSystemReader(str(tmp_path / "mixed" / "moe_trial" / "checkpoints" / "5")).read_metadata()
+    dtypes = {str(item.properties.dtype) for key, item in saved.state_dict_metadata.items()
+              if key.startswith(("model.", "optimizer.state.")) and hasattr(item, "properties")
+              and not key.endswith(".step")}
+    assert dtypes == {"torch.float32"}
+
+
+@pytest.mark.slow
 def test_what_is_not_built_yet_is_one_line_on_process_0_exit_2(tmp_path):
     """Every process finds it; process 0 says it and exits 2, torchrun stops the other and reports
     process 0's exit code in its own failure summary (torchrun's traceback, then exit 1: the

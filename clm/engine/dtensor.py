@@ -10,6 +10,8 @@ on each decoder layer and on the root over the data axes (HSDP when dcn > 1: rep
 dcn, sharded over fsdp), then materialised empty on the device and filled one parameter at a
 time: clm's mesh-independent random init (clm.model.init: the same values as on XLA, each
 process keeping its shard) or the pretrained weights (each process reading only its slice).
+model.compute_dtype is FSDP2's MixedPrecisionPolicy (Megatron's scheme: parameters, gradient
+reduction and optimizer in model.dtype, forward and backward in the compute dtype).
 The MoE layers run clm's capacity experts (clm.model.moe), plain PyTorch on the gathered
 weights inside FSDP's forward; dropless is the static path with C = S.
 
@@ -36,7 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from clm import checkpoint, runtime
@@ -100,12 +102,14 @@ class DTensorEngine:
             self.device = torch.device("cpu")
         if dist.is_initialized():
             return
+        # CPU tensors (the stop agreement, checkpoint planning) through gloo, CUDA ones through nccl.
+        cuda = self.device.type == "cuda"
+        backend, device_id = ("cpu:gloo,cuda:nccl", self.device) if cuda else ("gloo", None)
         with runtime.quiet_native_stdout():  # gloo prints a line per group to stdout from C++
             if "RANK" in os.environ:  # torchrun's rendezvous (env://)
-                dist.init_process_group("cpu:gloo,cuda:nccl" if self.device.type == "cuda" else "gloo",
-                                        device_id=self.device if self.device.type == "cuda" else None)
+                dist.init_process_group(backend, device_id=device_id)
             else:  # one process: an in-memory store, so no rendezvous file is left behind
-                dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+                dist.init_process_group(backend, device_id=device_id, store=dist.HashStore(), rank=0, world_size=1)
 
     def process_index(self) -> int:
         return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
@@ -127,9 +131,10 @@ class DTensorEngine:
         cast_parameters(module, getattr(torch, cfg.model.dtype))
         # One FSDP unit per decoder layer (its weights gathered for its forward and backward
         # only), and the root for the rest (embeddings, final norm, head).
+        fsdp = {"mesh": data_mesh, "mp_policy": mixed_precision(cfg.model.dtype, cfg.model.compute_dtype)}
         for layer in [m for m in module.modules() if isinstance(m, GradientCheckpointingLayer)]:
-            fully_shard(layer, mesh=data_mesh)
-        fully_shard(module, mesh=data_mesh)
+            fully_shard(layer, **fsdp)
+        fully_shard(module, **fsdp)
         module.to_empty(device=self.device)
 
         init.initialize_buffers(module, put)
@@ -185,15 +190,16 @@ class DTensorEngine:
                 copies.append(host)
             else:
                 copies.append(arg)
-        if len(copies) and self.device.type == "cuda":
+        if any(isinstance(arg, torch.Tensor) and arg.device.type == "cuda" for arg in args):
             ready = torch.cuda.Event()
-            ready.record()
+            ready.record()  # after the copies: fn reads them once the device has done them
 
         def run():
             if ready is not None:
                 ready.synchronize()
             fn(*copies)
 
+        # Done rows need no wait; a failed one stays until wait_for_async re-raises its error.
         self._queued = [f for f in self._queued if not f.done() or f.exception() is not None]
         self._queued.append(self._rows.submit(run))
 
@@ -224,6 +230,15 @@ class DTensorEngine:
 
 
 # ------------------------------------------------------------------------------ the model
+
+
+def mixed_precision(dtype: str, compute_dtype: str | None) -> MixedPrecisionPolicy:
+    """model.compute_dtype: FSDP gathers the parameters (kept in model.dtype) in the compute
+    dtype for the forward and backward and reduces the gradients in model.dtype (Megatron's
+    scheme with float32 and bfloat16); null computes in model.dtype."""
+    if compute_dtype is None or compute_dtype == dtype:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=getattr(torch, compute_dtype), reduce_dtype=getattr(torch, dtype))
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ import torch_xla.distributed.spmd as xs
 from clm import checkpoint, parallel, runtime
 from clm.config import XLA_ADAMW
 from clm.engine.backend import XLA
+from clm.errors import UserError
 from clm.model.build import ShardedModel, build_sharded_model
 
 
@@ -48,6 +49,10 @@ class XlaEngine:
 
     def check(self, model_plan) -> None:
         parallel.check_multihost_input(model_plan.mesh_shape)
+        compute = model_plan.cfg.model.compute_dtype
+        if compute is not None:
+            raise UserError(f"model.compute_dtype={compute}: not built yet on backend=xla (parameters compute in "
+                            "model.dtype); use backend=dtensor or model.compute_dtype=null")
 
     # ---- build
     def setup(self, cfg) -> None:
