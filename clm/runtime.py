@@ -135,6 +135,10 @@ def quiet_native_stdout():
         os.close(saved)
 
 
+# Set by clm beside PT_XLA_DEBUG_FILE: the analysis is clm's own (not the user's) and this process's.
+ANALYSIS_OWNER = "CLM_XLA_ANALYSIS_PID"
+
+
 def enable_compile_analysis() -> None:
     """Have torch_xla write its compilation-cause analysis to a file (compile_analysis_file()).
 
@@ -143,11 +147,14 @@ def enable_compile_analysis() -> None:
     PT_XLA_DEBUG_FILE. It reads both variables once, at the process's first compilation, so
     this must run before anything compiles (setup(), when the knob xla_compile_analysis is
     on); clm.observe.recompiles reads the blocks. A user's own PT_XLA_DEBUG_LEVEL is left
-    alone (without a file, torch_xla prints to the console).
+    alone (without a file, torch_xla prints to the console). A process started by a clm
+    process inherits that process's settings, and so its file: it gets a file of its own, or
+    each would read the other's compilations as its own.
     """
-    if "PT_XLA_DEBUG_LEVEL" not in os.environ:
+    if "PT_XLA_DEBUG_LEVEL" not in os.environ or ANALYSIS_OWNER in os.environ:
         os.environ["PT_XLA_DEBUG_LEVEL"] = "1"
         os.environ["PT_XLA_DEBUG_FILE"] = os.path.join(tempfile.gettempdir(), f"clm-xla-compiles-{os.getpid()}.log")
+        os.environ[ANALYSIS_OWNER] = str(os.getpid())
 
 
 def compile_analysis_file() -> str | None:

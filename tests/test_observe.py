@@ -196,6 +196,32 @@ def test_compile_analysis_knob_names_causes_when_on_and_is_not_set_up_when_off(t
         assert "cause: unknown (torch_xla's compilation analysis is off: xla_compile_analysis=false" in message
 
 
+def test_a_process_started_by_a_clm_process_gets_an_analysis_file_of_its_own(tmp_path):
+    """A process a clm process starts (a test worker, a run a test launches) inherits its settings:
+    with the same file, each would read the other's compilations as its own. A user's own
+    setting is still left alone."""
+    from clm import runtime
+
+    probe = ("import os; from clm import runtime; runtime.enable_compile_analysis(); "
+             "print(os.getpid(), runtime.compile_analysis_file())")
+    repo = str(Path(__file__).resolve().parent.parent)
+
+    def child(env):
+        done = subprocess.run([sys.executable, "-c", probe], env={**env, "PYTHONPATH": repo}, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.split()
+
+    mine = runtime.compile_analysis_file()
+    assert mine and str(os.getpid()) in mine  # this test process's own (tests/conftest.py set it up)
+    pid, path = child(dict(os.environ))
+    assert path != mine and pid in path
+    user_file = str(tmp_path / "mine.log")
+    env = {k: v for k, v in os.environ.items() if k != runtime.ANALYSIS_OWNER}
+    _, path = child({**env, "PT_XLA_DEBUG_LEVEL": "1", "PT_XLA_DEBUG_FILE": user_file})
+    assert path == user_file
+
+
 def test_mfu_flops_per_token_for_mixtral_8x22b_by_hand():
     from clm.model.config import CONFIGS_DIR
     from transformers import MixtralConfig
