@@ -31,7 +31,9 @@ from typing import Callable
 logger = logging.getLogger(__name__)
 
 _PREFIX = "Compilation Analysis: "
-_LIBRARY_FRAME = re.compile(r"[/\\](torch_xla|torch|transformers|site-packages)[/\\]")
+# Frames that are not where a step was written: libraries, and clm's engines (their step-end
+# call is every step's; the line worth naming is the trainer's that called it).
+_LIBRARY_FRAME = re.compile(r"[/\\](torch_xla|torch|transformers|site-packages|clm[/\\]engine)[/\\]")
 
 
 @dataclass
