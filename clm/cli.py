@@ -24,6 +24,7 @@ from typing import Callable
 
 from clm.errors import EXIT_OK, EXIT_USER_ERROR, UserError
 from clm.observe import console
+from clm.secrets import redact_text
 
 EXIT_CODE_DIR_ENV = "CLM_EXIT_CODE_DIR"
 EXIT_CODE_SUFFIX = ".exit"  # <pid>.exit holds that process's exit code
@@ -41,10 +42,10 @@ def run_command(command: Callable[[], int | None]) -> int:
         code = EXIT_OK if result is None else result
     except UserError as e:
         if console.reports():
-            print(f"error: {e}", file=sys.stderr)
+            print(redact_text(f"error: {e}"), file=sys.stderr)
         else:
             time.sleep(ERROR_GRACE_SECONDS)  # torchrun ends this process here when process 0 has exited
-            print(f"error: process {os.environ['RANK']}: {e}", file=sys.stderr)
+            print(redact_text(f"error: process {os.environ['RANK']}: {e}"), file=sys.stderr)
         code = EXIT_USER_ERROR
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (EXIT_OK if e.code is None else UNCAUGHT_EXCEPTION_CODE)

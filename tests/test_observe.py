@@ -52,6 +52,18 @@ def test_the_runs_own_lines_go_to_stdout_with_secrets_hidden():
     assert done.stdout == f"resumed from gs://b/{REDACTED}/ckpt/4 (step 4)\n" and done.stderr == ""
 
 
+def test_a_bad_inputs_error_line_hides_a_secret_it_quotes():
+    """The one `error:` line quotes the knob's value; a token pasted into it is hidden there too."""
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "run_clm.py"),
+                           "output_dir=/proc/hf_plantedToken123/x"],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+                               "HF_TOKEN": "hf_plantedToken123", "PJRT_DEVICE": "CPU"})
+    assert done.returncode == 2, done.stderr
+    assert "hf_plantedToken123" not in done.stdout + done.stderr
+    assert done.stderr.startswith("error: output_dir: ") and REDACTED in done.stderr
+
+
 def test_metrics_writer_resume_keeps_rows_to_the_checkpoint_and_drops_the_dead_runs(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -23,8 +23,6 @@ QUIET_XLA_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2"}
 # torch_xla.runtime's logging.warning when it picks a device by itself (clm's summary names it).
 _DEVICE_CHOICE_MESSAGES = ("Defaulting to PJRT_DEVICE=", "libtpu.so and TPU device found")
 
-_configured = False
-
 
 def quiet_xla() -> None:
     """Silence XLA's C++ INFO/WARNING lines unless the user set TF_CPP_MIN_LOG_LEVEL."""
@@ -57,6 +55,7 @@ def say(line: str) -> None:
 
     if reports():
         tqdm.write(redact_text(line), file=sys.stdout)
+        sys.stdout.flush()  # a line the user waits for (the summary, a stop) must not sit in a buffer
 
 
 def _not_device_choice(record: logging.LogRecord) -> bool:
@@ -65,15 +64,13 @@ def _not_device_choice(record: logging.LogRecord) -> bool:
 
 def setup() -> None:
     """Configure Python logging once per process: clm's INFO and everyone's WARNING on stderr."""
-    global _configured
-    if _configured:
-        return
-    _configured = True
+    root = logging.getLogger()
+    if any(isinstance(handler, _ConsoleHandler) for handler in root.handlers):
+        return  # set up already (the logging tree is the process's own state)
     quiet_xla()
     handler = _ConsoleHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     handler.addFilter(_not_device_choice)
-    root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
     logging.getLogger("clm").setLevel(logging.INFO)

@@ -107,7 +107,7 @@ def print_summary(summary: Summary, run_dir: str) -> None:
         return str(value)
 
     if console.reports():
-        print("clm: " + " ".join(f"{key}={fmt(value)}" for key, value in fields.items()), flush=True)
+        console.say("clm: " + " ".join(f"{key}={fmt(value)}" for key, value in fields.items()))
 
 
 class RunLog:
