@@ -77,8 +77,9 @@ def activation_bytes(model_plan: ModelPlan) -> dict[str, float]:
       other           4*tokens*H*b                                (norms, residuals)
     One layer is the largest of them. Backward needs about as much again as the forward of the
     layer it differentiates. Logits: tokens*V/tp*(b + 4 + 4) (model dtype, fp32 for the loss, fp32
-    gradient). With checkpointing: L * saved input + 2 * one layer + logits; without: 2 * L * one
-    layer + logits.
+    gradient). With R of the L layers checkpointed (those whose class
+    model.fsdp_config.fsdp_transformer_layer_cls_to_wrap names): R * saved input + 2 * (L - R) * one
+    layer + 2 * one layer (the one being recomputed) + logits; without: 2 * L * one layer + logits.
     """
     cfg, hf_config, mesh = model_plan.cfg, model_plan.hf_config, model_plan.mesh_shape
     b = dtype_bytes(cfg)
@@ -106,11 +107,23 @@ def activation_bytes(model_plan: ModelPlan) -> dict[str, float]:
 
     layer = attention + max(mlp(i) for i in range(L)) + 4 * tokens * H * b
     logits = tokens * V / tp * (b + 4 + 4)
-    if cfg.model.fsdp_config.xla_fsdp_grad_ckpt:
-        total = L * saved_input + 2 * layer + logits
-    else:
-        total = 2 * L * layer + logits
+    recomputed = recomputed_layers(model_plan)
+    total = recomputed * saved_input + 2 * (L - recomputed) * layer + logits
+    if recomputed:
+        total += 2 * layer  # the one layer being recomputed and differentiated
     return {"layer_inputs": L * saved_input, "one_layer": layer, "logits": logits, "total": total}
+
+
+def recomputed_layers(model_plan: ModelPlan) -> int:
+    """How many decoder layers activation checkpointing recomputes: those of the named classes."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    fsdp_config = model_plan.cfg.model.fsdp_config
+    if not fsdp_config.xla_fsdp_grad_ckpt:
+        return 0
+    named = set(fsdp_config.fsdp_transformer_layer_cls_to_wrap)
+    return sum(isinstance(m, GradientCheckpointingLayer) and type(m).__name__ in named
+               for m in model_plan.meta_model.modules())
 
 
 def _group_name(name: str) -> str:

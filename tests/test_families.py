@@ -24,6 +24,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -385,8 +386,11 @@ def test_activation_checkpointing_recomputes_only_the_layer_classes_named():
     Mamba and attention decoder layers, two classes (on the meta device: flags only)."""
     from transformers import AutoConfig
 
+    from omegaconf import OmegaConf
+
     from clm.model.build import enable_activation_checkpointing
     from clm.model.config import meta_model
+    from clm.plan import recomputed_layers
 
     config = AutoConfig.for_model("jamba", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                                   num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
@@ -396,6 +400,10 @@ def test_activation_checkpointing_recomputes_only_the_layer_classes_named():
         model = meta_model(config)
         enable_activation_checkpointing(model, None, names)
         assert [i for i, layer in enumerate(model.model.layers) if layer.gradient_checkpointing] == recomputed, names
+        # the memory planner counts the same layers as recomputed (the others keep their activations)
+        knobs = OmegaConf.create({"model": {"fsdp_config": {"xla_fsdp_grad_ckpt": True,
+                                                            "fsdp_transformer_layer_cls_to_wrap": names}}})
+        assert recomputed_layers(SimpleNamespace(cfg=knobs, meta_model=model)) == len(recomputed), names
 
 
 # ------------------------------------------------------------------- (c) three bf16 steps
