@@ -59,10 +59,17 @@ def _last(rows: list[dict], key: str):
 
 
 def _steady(rows: list[dict]) -> list[tuple[dict, int]]:
-    """Train rows after warm-up, each with the number of steps it covers."""
-    covered, last = [], 0
+    """Train rows after warm-up, each with the number of steps it covers. A resumed run's process
+    compiles again: its clock (perf/elapsed_seconds, from the process's start) goes back, and its
+    first WARMUP_STEPS steps are warm-up too."""
+    covered, last, started, clock = [], 0, 0, 0.0
     for row in rows:
-        if last >= WARMUP_STEPS and row.get("perf/step_time_seconds") is not None:
+        elapsed = row.get("perf/elapsed_seconds")
+        if elapsed is not None:
+            if elapsed < clock:
+                started = last  # a new process, resumed at the previous row's step
+            clock = elapsed
+        if last - started >= WARMUP_STEPS and row.get("perf/step_time_seconds") is not None:
             covered.append((row, row["step"] - last))
         last = row["step"]
     return covered

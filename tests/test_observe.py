@@ -278,6 +278,23 @@ def test_report_throughput_is_flat_when_the_rows_before_each_eval_come_bunched(t
     assert summarize(run)["tokens/s"] == pytest.approx(1000.0)
 
 
+def test_report_skips_the_warm_up_of_a_resumed_process_too(tmp_path):
+    """A run preempted after step 6 and resumed: the new process compiles again (its clock,
+    perf/elapsed_seconds, restarts), so its first two steps are warm-up as the first process's were."""
+    from clm.report import load_run, summarize
+
+    rows, elapsed = [], 0.0
+    for step in range(1, 13):
+        if step == 7:
+            elapsed = 0.0  # the resumed process's clock
+        seconds = 30.0 if step in (1, 2, 7, 8) else 1.0
+        elapsed += seconds
+        rows.append({"step": step, "train/loss": 5.0, "train/num_tokens": 1000, "perf/step_time_seconds": seconds,
+                     "perf/elapsed_seconds": elapsed})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert summarize(load_run(str(tmp_path)))["tokens/s"] == pytest.approx(1000.0)
+
+
 def test_wandb_offline_run_is_read_back_with_wandbs_own_records(tmp_path):
     from omegaconf import OmegaConf
 
