@@ -38,6 +38,7 @@ import numpy as np
 # Run as a script from a checkout: make the repository importable without installing it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clm.cli import run_command  # noqa: E402
+from clm.errors import UserError  # noqa: E402
 
 DEFAULT = "default"
 
@@ -65,6 +66,8 @@ def fewer_layers(config_path: str, layers: int, directory: str) -> str:
 
     fields = json.loads(resolve_config_path(config_path).read_text())
     total = fields["num_hidden_layers"]
+    if not 1 <= layers <= total:
+        raise UserError(f"--layers {layers}: the preset's model has {total} layers; give 1 to {total}")
     fields = {key: value[:layers] if isinstance(value, list) and len(value) == total else value
               for key, value in fields.items()}
     fields["num_hidden_layers"] = layers
@@ -80,6 +83,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps, after the run log's warm-up steps")
     parser.add_argument("--batch-per-device", type=int, default=1, help="sequences per device and step")
     args, overrides = parser.parse_known_args(argv)
+    if args.steps < 1 or args.batch_per_device < 1:
+        raise UserError(f"--steps {args.steps} --batch-per-device {args.batch_per_device}: both at least 1")
 
     from clm import metrics
     from clm.config import load_config
