@@ -8,16 +8,23 @@ import math
 import os
 import threading
 
-from clm import tpu
+from clm import gpu, tpu
+
+
+def peak_bf16_tflops(device_kind: str) -> float | None:
+    """The dense bf16 peak of one chip of `device_kind` (a TPU generation of clm.tpu, a GPU kind
+    of clm.gpu); None on hardware without a known peak, such as a CPU."""
+    known = tpu.generation(device_kind) or gpu.chip(device_kind)
+    return known.peak_bf16_tflops if known else None
 
 
 def mfu(flops_per_token: float, tokens_per_sec: float, num_chips: int, device_kind: str) -> float | None:
-    """Model FLOPs utilization over the chips' peak bf16 FLOP/s (clm.tpu); None on hardware without a
+    """Model FLOPs utilization over the chips' peak bf16 FLOP/s; None on hardware without a
     known peak, such as a CPU, rather than a guess."""
-    generation = tpu.generation(device_kind)
-    if generation is None:
+    peak = peak_bf16_tflops(device_kind)
+    if peak is None:
         return None
-    return flops_per_token * tokens_per_sec / (num_chips * generation.peak_bf16_tflops * 1e12)
+    return flops_per_token * tokens_per_sec / (num_chips * peak * 1e12)
 
 
 class MetricsWriter:

@@ -64,7 +64,7 @@ class Trainer:
         """`model_plan`: the run's model, checked (clm.model.plan); its cfg is the run's config.
         `engine`: the one of cfg.backend (clm.engine.build_engine), checked against the plan."""
         cfg = model_plan.cfg
-        self.engine = engine
+        self.model_plan, self.engine = model_plan, engine
         engine.setup(cfg)
         self.cfg, self.resume_from = cfg, resume_from
         self.is_main = engine.process_index() == 0
@@ -240,6 +240,19 @@ class Trainer:
 def train(cfg: DictConfig) -> Summary:
     """Check every input, then build, restore, start and train. Nothing is written over and
     nothing is compiled before the checks pass."""
+    trainer = build_trainer(cfg)
+    try:
+        trainer.restore()
+        trainer.start()
+        summary = trainer.train()
+    finally:
+        trainer.close()
+    print_summary(summary, cfg.run_dir)
+    return summary
+
+
+def build_trainer(cfg: DictConfig) -> Trainer:
+    """Check every input, then build the run's trainer (benchmarks/step.py drives its steps)."""
     engine = build_engine(cfg.backend)
     num_devices = engine.device_count()
     data.validate_dataset(cfg)
@@ -256,15 +269,7 @@ def train(cfg: DictConfig) -> Summary:
     # Last, since they create the directories when they can.
     storage.check_writable(cfg.run_dir, "output_dir")
     storage.check_writable(cfg.checkpoint_dir, "checkpoint_dir")
-    trainer = Trainer(model_plan, engine, resume_from)
-    try:
-        trainer.restore()
-        trainer.start()
-        summary = trainer.train()
-    finally:
-        trainer.close()
-    print_summary(summary, cfg.run_dir)
-    return summary
+    return Trainer(model_plan, engine, resume_from)
 
 
 def exit_code(summary: Summary) -> int:

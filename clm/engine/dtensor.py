@@ -41,7 +41,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from clm import checkpoint, runtime
+from clm import checkpoint, gpu, runtime
 from clm.config import XLA_ADAMW
 from clm.engine.backend import DTENSOR
 from clm.errors import UserError
@@ -74,7 +74,13 @@ class DTensorEngine:
         return "CUDA" if torch.cuda.is_available() else "CPU"
 
     def device_kind(self) -> str:
-        return self.device_type()  # no peak FLOP/s table for these devices: MFU is n/a
+        """The GPU's kind in clm.gpu's table ('h100'), for MFU and MLPerf's platform; else the
+        device type (a CPU, a GPU without a row there: MFU is n/a)."""
+        if torch.cuda.is_available():
+            found = gpu.chip_of_device(torch.cuda.get_device_name(int(os.environ.get("LOCAL_RANK", "0"))))
+            if found is not None:
+                return found.name
+        return self.device_type()
 
     def check(self, model_plan) -> None:
         cfg, shape = model_plan.cfg, model_plan.mesh_shape
