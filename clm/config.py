@@ -151,6 +151,7 @@ class Config:
     kill_switch_path: Optional[str] = MISSING
     shuffle: bool = MISSING
     backend: str = MISSING
+    compile: bool = MISSING
     full_precision: bool = MISSING
     local_compile_cache_dir: Optional[str] = MISSING
     tensor_parallelism: int = MISSING

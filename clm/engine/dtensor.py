@@ -33,6 +33,7 @@ import contextlib
 import os
 import random
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ from clm.config import XLA_ADAMW
 from clm.engine.backend import DTENSOR
 from clm.errors import UserError
 from clm.model import init, moe
-from clm.model.build import ShardedModel, cast_parameters
+from clm.model.build import ShardedModel, cast_parameters, checkpoint_layers
 from clm.model.config import meta_model
 from clm.optim import prime_optimizer
 from clm.parallel.mesh import AXES
@@ -79,10 +80,7 @@ class DTensorEngine:
     def check(self, model_plan) -> None:
         cfg, shape = model_plan.cfg, model_plan.mesh_shape
         not_built = [
-            ("tensor_parallelism", shape.tensor, shape.tensor > 1, "tensor_parallelism=1"),
             ("expert_parallelism", shape.expert, shape.expert > 1, "expert_parallelism=1"),
-            ("model.fsdp_config.xla_fsdp_grad_ckpt", "true", cfg.model.fsdp_config.xla_fsdp_grad_ckpt,
-             "model.fsdp_config.xla_fsdp_grad_ckpt=false"),
             ("checkpoint_manager_path", cfg.checkpoint_manager_path, bool(cfg.checkpoint_manager_path),
              "model.name_or_path (hub-layout weights)"),
             ("async_checkpoint", "true", cfg.async_checkpoint, "async_checkpoint=false"),
@@ -90,6 +88,8 @@ class DTensorEngine:
         for knob, value, refused, instead in not_built:
             if refused:
                 raise UserError(f"{knob}={value}: not built yet on backend=dtensor; use backend=xla or {instead}")
+        if shape.tensor > 1:
+            tensor_parallel_plan(model_plan.meta_model, model_plan.shardings, shape.tensor)  # its UserError, if any
 
     # ---- build
     def setup(self, cfg) -> None:
@@ -129,10 +129,19 @@ class DTensorEngine:
         module = meta_model(model_plan.hf_config)  # its own, as on XLA: the plan's stays a description
         module.set_attn_implementation(model_plan.attention.implementation)
         cast_parameters(module, getattr(torch, cfg.model.dtype))
+        layers = [m for m in module.modules() if isinstance(m, GradientCheckpointingLayer)]
+        # torchtitan's order: tensor parallelism, activation checkpointing, compile, then FSDP.
+        if shape.tensor > 1:
+            apply_tensor_parallel(module, self.mesh["tensor"],
+                                  tensor_parallel_plan(module, model_plan.shardings, shape.tensor))
+        if cfg.model.fsdp_config.xla_fsdp_grad_ckpt:
+            apply_activation_checkpointing(module, cfg.model.fsdp_config.fsdp_transformer_layer_cls_to_wrap)
+        if cfg.compile:
+            apply_compile(layers)
         # One FSDP unit per decoder layer (its weights gathered for its forward and backward
         # only), and the root for the rest (embeddings, final norm, head).
         fsdp = {"mesh": data_mesh, "mp_policy": mixed_precision(cfg.model.dtype, cfg.model.compute_dtype)}
-        for layer in [m for m in module.modules() if isinstance(m, GradientCheckpointingLayer)]:
+        for layer in layers:
             fully_shard(layer, **fsdp)
         fully_shard(module, **fsdp)
         module.to_empty(device=self.device)
@@ -144,7 +153,15 @@ class DTensorEngine:
             init.initialize_parameters(module, cfg.seed, put)
         routing = moe.Routing(module, model_plan.capacity_factor) if model_plan.is_moe else None
         return FullyShardedModel(module, self.mesh, shape, routing, model_plan.attention,
-                                 model_plan.router_bias_update_rate)
+                                 model_plan.router_bias_update_rate, data_group=self._data_mesh().get_group())
+
+    def _data_mesh(self):
+        """The processes that read distinct rows (every axis but tensor), as one dimension."""
+        return self.mesh[tuple(a for a in AXES if a != "tensor")]._flatten("data")
+
+    def data_shard(self) -> tuple[int, int]:
+        data = self._data_mesh()
+        return data.get_local_rank(), data.size()
 
     def load_weights(self, model, path: str) -> None:
         raise AssertionError("check() refuses checkpoint_manager_path on backend=dtensor")
@@ -232,6 +249,81 @@ class DTensorEngine:
 # ------------------------------------------------------------------------------ the model
 
 
+def tensor_parallel_plan(module: torch.nn.Module, shardings, tensor: int) -> dict:
+    """parallelize_module's plan {module path: style}, read from the rule table (the plan's
+    `shardings`, which XLA places from): a Linear whose weight [out, in] the table splits over
+    `tensor` on out is colwise, on in rowwise (q/k/v and o, gate/up and down, lm_head); an
+    Embedding [V, H] split on H is colwise, on V rowwise (vocab-parallel). Colwise outputs stay
+    local (a head's shard of q/k/v feeds its own attention), except the output embeddings' and
+    the input embeddings', which are gathered (the loss and the residual stream are whole).
+
+    Expert weights ([E, 2I, H] / [E, H, I], which the tables split on the intermediate dim) are
+    not split over `tensor` here: the fused gate/up rows of a tensor rank would be all gate or
+    all up, so the expert MLP could not run locally. Each tensor rank runs every expert of its
+    rows on weights FSDP shards over the data axes. Any other tensor split has no style here
+    and is refused in one line.
+    """
+    from torch import nn
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    from clm.parallel.mesh import axes_of
+    from clm.parallel.sharding import tied_aliases
+
+    if tied_aliases(module):
+        raise UserError(f"tensor_parallelism={tensor}: {module.config.model_type} ties its input and output "
+                        "embeddings, which backend=dtensor does not split over tensor; use tensor_parallelism=1 "
+                        "or backend=xla")
+    modules = dict(module.named_modules())
+    gathered = {module.get_input_embeddings(), module.get_output_embeddings()}
+    plan = {}
+    for entry in shardings:
+        dims = [d for d, axes in enumerate(entry.spec) if "tensor" in axes_of(axes)]
+        if not dims:
+            continue
+        path, _, attr = entry.name.rpartition(".")
+        owner = modules[path]
+        if moe.is_experts(owner):
+            continue  # see the docstring
+        if attr == "weight" and dims in ([0], [1]) and isinstance(owner, (nn.Linear, nn.Embedding)):
+            colwise = dims == [0 if isinstance(owner, nn.Linear) else 1]
+            if colwise:
+                plan[path] = ColwiseParallel(output_layouts=Replicate()) if owner in gathered else ColwiseParallel()
+            else:
+                plan[path] = RowwiseParallel(input_layouts=Replicate()) if owner in gathered else RowwiseParallel()
+            continue
+        raise UserError(f"tensor_parallelism={tensor}: sharding rule '{entry.rule}' splits '{entry.name}' "
+                        f"({type(owner).__name__}) over tensor, which backend=dtensor has no tensor-parallel style "
+                        "for (Linear and Embedding weights only); use tensor_parallelism=1 or backend=xla")
+    return plan
+
+
+def apply_tensor_parallel(module: torch.nn.Module, mesh, plan: dict) -> None:
+    """Megatron's tensor parallelism over the `tensor` mesh (torch's parallelize_module), before
+    FSDP: the weights become DTensors split over tensor, which fully_shard then also shards
+    over the data axes."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    parallelize_module(module, mesh, plan)
+
+
+def apply_activation_checkpointing(module: torch.nn.Module, class_names) -> None:
+    """model.fsdp_config.xla_fsdp_grad_ckpt: recompute the decoder layers of the named classes in
+    the backward pass (torch's non-reentrant checkpoint through transformers' hook). Non-reentrant:
+    the router logits recorded inside a layer carry the graph, so the load-balancing loss trains."""
+    from torch.utils.checkpoint import checkpoint
+
+    checkpoint_layers(module, class_names, partial(checkpoint, use_reentrant=False))
+
+
+def apply_compile(layers: list[torch.nn.Module]) -> None:
+    """compile=true: torch.compile (inductor) per decoder layer, as torchtitan (one graph serves
+    every layer of a class; FSDP's hooks, added after, run eagerly: torch.compile skips them)."""
+    for layer in layers:
+        layer.compile()
+
+
+
 def mixed_precision(dtype: str, compute_dtype: str | None) -> MixedPrecisionPolicy:
     """model.compute_dtype: FSDP gathers the parameters (kept in model.dtype) in the compute
     dtype for the forward and backward and reduces the gradients in model.dtype (Megatron's
@@ -284,38 +376,55 @@ class FullyShardedModel(ShardedModel):
       (Megatron computes it per micro-batch too). The next slice can pool the fractions.
     """
 
+    def __init__(self, *args, data_group, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.data_group = data_group  # the processes with distinct rows (tensor ranks share theirs)
+
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         logits = super().__call__(input_ids)
         if self.routing is not None:
             for layer in self.routing.layers:
-                layer.expert_load = _gather_rows(layer.expert_load)
+                layer.expert_load = _gather_rows(layer.expert_load, self.data_group)
         return logits
 
     def loss_terms(self, input_ids, labels, ignore_index):
         from torch.distributed.nn.functional import all_reduce
 
         terms = super().loss_terms(input_ids, labels, ignore_index)
-        processes = dist.get_world_size()
+        processes = dist.get_world_size(self.data_group)
         if processes == 1:
             return terms
-        losses = all_reduce(torch.stack([terms.loss_sum, terms.aux_loss.to(terms.loss_sum.dtype)]))
+        losses = all_reduce(torch.stack([terms.loss_sum, terms.aux_loss.to(terms.loss_sum.dtype)]),
+                            group=self.data_group)
         terms.loss_sum, terms.aux_loss = losses[0], losses[1] / processes
         counts = torch.stack([terms.num_scored, terms.num_inputs])
-        dist.all_reduce(counts)
+        dist.all_reduce(counts, group=self.data_group)
         terms.num_scored, terms.num_inputs = counts[0], counts[1]
         return terms
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        norm = super().clip_grad_norm(max_norm)
-        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+        """As ShardedModel's, over gradients on several meshes (tensor-parallel weights on
+        fsdp x tensor, the others on the data axes): DTensors of different meshes cannot be
+        stacked, so one norm per mesh, combined."""
+        by_mesh = {}
+        for p in self.module.parameters():
+            if p.grad is not None:
+                by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
+        norms = [torch.nn.utils.get_total_norm([p.grad for p in group]) for group in by_mesh.values()]
+        norms = [norm.full_tensor() if isinstance(norm, DTensor) else norm for norm in norms]
+        norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+        if max_norm > 0:  # clips only when max_grad_norm > 0 (as the reference)
+            for group in by_mesh.values():
+                torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm)
+        return norm
 
 
-def _gather_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """Every process's rows of `tensor`, in process order (as XLA's global batch holds them)."""
-    if dist.get_world_size() == 1:
+def _gather_rows(tensor: torch.Tensor, group) -> torch.Tensor:
+    """Every data process's rows of `tensor`, in process order (as XLA's global batch holds them)."""
+    if dist.get_world_size(group) == 1:
         return tensor
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
     return torch.cat(parts)
 
 
