@@ -57,6 +57,7 @@ MAY_CHANGE_ON_RESUME = (
     "allow_config_change", "kill_switch_path", "xla_profile_step",
     "xla_compile_analysis", "output_dir", "run_dir", "exp_name",
     "local_compile_cache_dir", "cache_local_dir", "tensor_parallelism", "expert_parallelism", "compile",
+    "compile_backend",
     "num_slices", "sharding", "per_device_train_batch_size", "per_device_eval_batch_size",
     "dataset.num_proc", "model.flash_attention", "wandb", "mlperf",
 )

@@ -137,7 +137,7 @@ class DTensorEngine:
         if cfg.model.fsdp_config.xla_fsdp_grad_ckpt:
             apply_activation_checkpointing(module, cfg.model.fsdp_config.fsdp_transformer_layer_cls_to_wrap)
         if cfg.compile:
-            apply_compile(layers)
+            apply_compile(layers, cfg.compile_backend)
         # One FSDP unit per decoder layer (its weights gathered for its forward and backward
         # only), and the root for the rest (embeddings, final norm, head).
         fsdp = {"mesh": data_mesh, "mp_policy": mixed_precision(cfg.model.dtype, cfg.model.compute_dtype)}
@@ -270,10 +270,6 @@ def tensor_parallel_plan(module: torch.nn.Module, shardings, tensor: int) -> dic
     from clm.parallel.mesh import axes_of
     from clm.parallel.sharding import tied_aliases
 
-    if tied_aliases(module):
-        raise UserError(f"tensor_parallelism={tensor}: {module.config.model_type} ties its input and output "
-                        "embeddings, which backend=dtensor does not split over tensor; use tensor_parallelism=1 "
-                        "or backend=xla")
     modules = dict(module.named_modules())
     gathered = {module.get_input_embeddings(), module.get_output_embeddings()}
     plan = {}
@@ -295,6 +291,10 @@ def tensor_parallel_plan(module: torch.nn.Module, shardings, tensor: int) -> dic
         raise UserError(f"tensor_parallelism={tensor}: sharding rule '{entry.rule}' splits '{entry.name}' "
                         f"({type(owner).__name__}) over tensor, which backend=dtensor has no tensor-parallel style "
                         "for (Linear and Embedding weights only); use tensor_parallelism=1 or backend=xla")
+    if tied_aliases(module):  # one weight, which the two styles would split on different dimensions
+        raise UserError(f"tensor_parallelism={tensor}: {module.config.model_type} ties its input and output "
+                        "embeddings, which backend=dtensor does not split over tensor; use tensor_parallelism=1 "
+                        "or backend=xla")
     return plan
 
 
@@ -316,11 +316,11 @@ def apply_activation_checkpointing(module: torch.nn.Module, class_names) -> None
     checkpoint_layers(module, class_names, partial(checkpoint, use_reentrant=False))
 
 
-def apply_compile(layers: list[torch.nn.Module]) -> None:
-    """compile=true: torch.compile (inductor) per decoder layer, as torchtitan (one graph serves
-    every layer of a class; FSDP's hooks, added after, run eagerly: torch.compile skips them)."""
+def apply_compile(layers: list[torch.nn.Module], backend: str) -> None:
+    """compile=true: torch.compile per decoder layer, as torchtitan (FSDP's hooks, added after,
+    run eagerly: torch.compile skips them)."""
     for layer in layers:
-        layer.compile()
+        layer.compile(backend=backend)
 
 
 
