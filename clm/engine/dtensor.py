@@ -5,10 +5,12 @@ without torchrun, one process). Process group: gloo on CPU; on CUDA nccl for the
 gloo beside it for CPU tensors (the stop agreement, checkpoint planning). Mesh: a DeviceMesh of
 the config's shape (dcn x fsdp x expert x tensor, as clm.parallel.mesh_shape computes it).
 
-The model is transformers' model of the plan on the meta device, then FSDP2 (`fully_shard`)
-on each decoder layer and on the root over the data axes (HSDP when dcn > 1: replicated over
-dcn, sharded over fsdp), then materialised empty on the device and filled one parameter at a
-time: clm's mesh-independent random init (clm.model.init: the same values as on XLA, each
+The model is transformers' model of the plan on the meta device, then, in torchtitan's order:
+tensor parallelism over the `tensor` axis (parallelize_module, its styles read from the rule
+table: `tensor_parallel_plan`), activation checkpointing per decoder layer, torch.compile per
+decoder layer (`compile=true`), and FSDP2 (`fully_shard`) on each decoder layer and on the root
+over the data axes (HSDP when dcn > 1: replicated over dcn, sharded over fsdp); then it is
+materialised empty on the device and filled one parameter at a time: clm's mesh-independent random init (clm.model.init: the same values as on XLA, each
 process keeping its shard) or the pretrained weights (each process reading only its slice).
 model.compute_dtype is FSDP2's MixedPrecisionPolicy (Megatron's scheme: parameters, gradient
 reduction and optimizer in model.dtype, forward and backward in the compute dtype).
@@ -18,13 +20,12 @@ weights inside FSDP's forward; dropless is the static path with C = S.
 Execution is eager: a step is launched as it is written, `cut` has nothing to do, and no step
 waits for the host except a log step's values, which are copied to the host without blocking
 (CUDA: into pinned memory behind an event) and read on the run log's thread. Each process
-computes the loss terms of its own rows and `FullyShardedModel` reduces them over the data
-axes inside the step (all-reduces, no host sync), so every logged value is the global batch's,
+computes the loss terms of its own rows (the processes of a tensor group share theirs) and
+`FullyShardedModel` reduces them over the data processes inside the step (all-reduces, no host sync), so every logged value is the global batch's,
 as XLA's one program computes it.
 
-Not built yet here (each refused in one line by `check`): tensor and expert parallelism
-(parallelize_module from the rule tables; expert all-to-all), activation checkpointing,
-torch_xla's initial-weights checkpoints, asynchronous checkpoints.
+Not built yet here (each refused in one line by `check`): expert parallelism (expert
+all-to-all), torch_xla's initial-weights checkpoints, asynchronous checkpoints.
 """
 
 from __future__ import annotations
@@ -228,7 +229,7 @@ class DTensorEngine:
                 raise RuntimeError("a logging step closure failed") from error
 
     def compile_count(self) -> int:
-        return 0  # nothing is compiled (no torch.compile yet)
+        return 0  # XLA graphs: none (torch.compile's are not counted)
 
     def compile_analysis_file(self) -> str | None:
         return None
