@@ -10,8 +10,9 @@ tensor parallelism over the `tensor` axis (parallelize_module, its styles read f
 table: `tensor_parallel_plan`), activation checkpointing per decoder layer, torch.compile per
 decoder layer (`compile=true`), and FSDP2 (`fully_shard`) on each decoder layer and on the root
 over the data axes (HSDP when dcn > 1: replicated over dcn, sharded over fsdp); then it is
-materialised empty on the device and filled one parameter at a time: clm's mesh-independent random init (clm.model.init: the same values as on XLA, each
-process keeping its shard) or the pretrained weights (each process reading only its slice).
+materialised empty on the device and filled one parameter at a time: clm's mesh-independent
+random init (clm.model.init: the same values as on XLA, each process keeping its shard) or
+the pretrained weights (each process reading only its slice).
 model.compute_dtype is FSDP2's MixedPrecisionPolicy (Megatron's scheme: parameters, gradient
 reduction and optimizer in model.dtype, forward and backward in the compute dtype).
 The MoE layers run clm's capacity experts (clm.model.moe), plain PyTorch on the gathered
@@ -21,8 +22,8 @@ Execution is eager: a step is launched as it is written, `cut` has nothing to do
 waits for the host except a log step's values, which are copied to the host without blocking
 (CUDA: into pinned memory behind an event) and read on the run log's thread. Each process
 computes the loss terms of its own rows (the processes of a tensor group share theirs) and
-`FullyShardedModel` reduces them over the data processes inside the step (all-reduces, no host sync), so every logged value is the global batch's,
-as XLA's one program computes it.
+`FullyShardedModel` reduces them over the data processes inside the step (all-reduces, no
+host sync), so every logged value is the global batch's, as XLA's one program computes it.
 
 Not built yet here (each refused in one line by `check`): expert parallelism (expert
 all-to-all), torch_xla's initial-weights checkpoints, asynchronous checkpoints.
@@ -39,9 +40,12 @@ from functools import partial
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
+from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from clm import checkpoint, runtime
 from clm.config import XLA_ADAMW
@@ -51,8 +55,8 @@ from clm.model import init, moe
 from clm.model.build import ShardedModel, cast_parameters, checkpoint_layers
 from clm.model.config import meta_model
 from clm.optim import prime_optimizer
-from clm.parallel.mesh import AXES
-from clm.parallel.sharding import model_tensors
+from clm.parallel.mesh import AXES, axes_of
+from clm.parallel.sharding import model_tensors, tied_aliases
 
 
 class DTensorEngine:
@@ -61,6 +65,7 @@ class DTensorEngine:
     def __init__(self):
         self.device: torch.device | None = None  # this process's device, set by setup
         self.mesh = None  # the DeviceMesh of the run's shape, set by build_model
+        self.row_mesh = None  # its processes that read distinct rows, flattened; set by build_model
         self._rows: ThreadPoolExecutor | None = None  # run_async's thread
         self._queued: list[Future] = []
 
@@ -126,6 +131,8 @@ class DTensorEngine:
             self.mesh = init_device_mesh(self.device.type, tuple(shape.sizes.values()), mesh_dim_names=AXES)
         # FSDP over the data axes: sharded over fsdp, replicated over dcn (HSDP) when there are slices.
         data_mesh = self.mesh["dcn", "fsdp"] if shape.dcn > 1 else self.mesh["fsdp"]
+        # The processes that read distinct rows (every axis but tensor), as one dimension.
+        self.row_mesh = self.mesh[tuple(axis for axis in AXES if axis != "tensor")]._flatten("rows")
 
         module = meta_model(model_plan.hf_config)  # its own, as on XLA: the plan's stays a description
         module.set_attn_implementation(model_plan.attention.implementation)
@@ -154,15 +161,10 @@ class DTensorEngine:
             init.initialize_parameters(module, cfg.seed, put)
         routing = moe.Routing(module, model_plan.capacity_factor) if model_plan.is_moe else None
         return FullyShardedModel(module, self.mesh, shape, routing, model_plan.attention,
-                                 model_plan.router_bias_update_rate, data_group=self._data_mesh().get_group())
-
-    def _data_mesh(self):
-        """The processes that read distinct rows (every axis but tensor), as one dimension."""
-        return self.mesh[tuple(a for a in AXES if a != "tensor")]._flatten("data")
+                                 model_plan.router_bias_update_rate, data_group=self.row_mesh.get_group())
 
     def data_shard(self) -> tuple[int, int]:
-        data = self._data_mesh()
-        return data.get_local_rank(), data.size()
+        return self.row_mesh.get_local_rank(), self.row_mesh.size()
 
     def load_weights(self, model, path: str) -> None:
         raise AssertionError("check() refuses checkpoint_manager_path on backend=dtensor")
@@ -264,13 +266,6 @@ def tensor_parallel_plan(module: torch.nn.Module, shardings, tensor: int) -> dic
     rows on weights FSDP shards over the data axes. Any other tensor split has no style here
     and is refused in one line.
     """
-    from torch import nn
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-
-    from clm.parallel.mesh import axes_of
-    from clm.parallel.sharding import tied_aliases
-
     modules = dict(module.named_modules())
     gathered = {module.get_input_embeddings(), module.get_output_embeddings()}
     plan = {}
@@ -303,8 +298,6 @@ def apply_tensor_parallel(module: torch.nn.Module, mesh, plan: dict) -> None:
     """Megatron's tensor parallelism over the `tensor` mesh (torch's parallelize_module), before
     FSDP: the weights become DTensors split over tensor, which fully_shard then also shards
     over the data axes."""
-    from torch.distributed.tensor.parallel import parallelize_module
-
     parallelize_module(module, mesh, plan)
 
 
@@ -312,9 +305,7 @@ def apply_activation_checkpointing(module: torch.nn.Module, class_names) -> None
     """model.fsdp_config.xla_fsdp_grad_ckpt: recompute the decoder layers of the named classes in
     the backward pass (torch's non-reentrant checkpoint through transformers' hook). Non-reentrant:
     the router logits recorded inside a layer carry the graph, so the load-balancing loss trains."""
-    from torch.utils.checkpoint import checkpoint
-
-    checkpoint_layers(module, class_names, partial(checkpoint, use_reentrant=False))
+    checkpoint_layers(module, class_names, partial(torch.utils.checkpoint.checkpoint, use_reentrant=False))
 
 
 def apply_compile(layers: list[torch.nn.Module], backend: str) -> None:
@@ -322,7 +313,6 @@ def apply_compile(layers: list[torch.nn.Module], backend: str) -> None:
     run eagerly: torch.compile skips them)."""
     for layer in layers:
         layer.compile(backend=backend)
-
 
 
 def mixed_precision(dtype: str, compute_dtype: str | None) -> MixedPrecisionPolicy:
