@@ -239,7 +239,8 @@ def test_killed_and_resumed_continues_bitwise(data_dir, tmp_path):
 
     output = [f"output_dir={tmp_path / 'killed'}"]
     checkpoints = tmp_path / "killed" / "moe_trial" / "checkpoints"
-    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={PROCESSES}",
+    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                f"--nproc-per-node={PROCESSES}",
                                 str(REPO / "run_clm.py"), "backend=dtensor", *run, *output],
                                cwd=REPO, env=environment(OMP_NUM_THREADS="1"), start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
