@@ -56,7 +56,8 @@ MAY_CHANGE_ON_RESUME = (
     "checkpoint_every", "checkpoint_dir", "checkpoints_to_keep", "async_checkpoint", "resume",
     "allow_config_change", "kill_switch_path", "xla_profile_step",
     "xla_compile_analysis", "output_dir", "run_dir", "exp_name",
-    "local_compile_cache_dir", "cache_local_dir", "tensor_parallelism", "expert_parallelism",
+    "local_compile_cache_dir", "cache_local_dir", "tensor_parallelism", "expert_parallelism", "compile",
+    "compile_backend",
     "num_slices", "sharding", "per_device_train_batch_size", "per_device_eval_batch_size",
     "dataset.num_proc", "model.flash_attention", "wandb", "mlperf",
 )

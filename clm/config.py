@@ -32,6 +32,7 @@ SCHEDULERS = ("WarmupHoldPolicy", "CosineAnnealing", "OptimizerParamScheduler")
 LR_DECAY_STYLES = ("cosine", "linear", "constant")  # OptimizerParamScheduler's (Megatron's lr_decay_style)
 XLA_ADAMW = "ADAMW_TORCH_XLA"
 DTYPES = ("float32", "bfloat16", "float16")
+COMPILE_BACKENDS = ("inductor", "aot_eager")  # torch.compile backends of compile=true (backend=dtensor)
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -151,6 +152,8 @@ class Config:
     kill_switch_path: Optional[str] = MISSING
     shuffle: bool = MISSING
     backend: str = MISSING
+    compile: bool = MISSING
+    compile_backend: str = MISSING
     full_precision: bool = MISSING
     local_compile_cache_dir: Optional[str] = MISSING
     tensor_parallelism: int = MISSING
@@ -305,6 +308,8 @@ def _validate(cfg: DictConfig, num_devices: int) -> None:
     if cfg.model.compute_dtype is not None and cfg.model.compute_dtype not in DTYPES:
         raise UserError(f"model.compute_dtype={cfg.model.compute_dtype}: use one of {', '.join(DTYPES)}, or null "
                         "(compute in model.dtype)")
+    if cfg.compile_backend not in COMPILE_BACKENDS:
+        raise UserError(f"compile_backend={cfg.compile_backend}: use one of {', '.join(COMPILE_BACKENDS)}")
     if cfg.full_precision and cfg.model.dtype != "float32":
         raise UserError(f"full_precision=true needs model.dtype=float32 (got {cfg.model.dtype})")
     if not 0 <= cfg.sched.warmup_ratio <= 1:

@@ -83,8 +83,9 @@ class Trainer:
         self.scheduler = build_scheduler(cfg, self.optimizer)
 
         process = dict(process_index=engine.process_index(), process_count=engine.process_count())
-        self.train_batches = data.build_train_stream(cfg, self.tokenizer, **process)
-        self.eval_set = data.build_eval_set(cfg, self.tokenizer, **process)
+        rows = dict(zip(("process_index", "process_count"), engine.data_shard()))  # tensor ranks share rows
+        self.train_batches = data.build_train_stream(cfg, self.tokenizer, **rows)
+        self.eval_set = data.build_eval_set(cfg, self.tokenizer, **rows)
         self.log.run_config(optimizer_defaults=self.optimizer.defaults, warmup_steps=warmup_steps(cfg.sched),
                             eval_samples=self.eval_set.num_blocks, model_plan=model_plan,
                             num_devices=model_plan.mesh_shape.num_devices)

@@ -150,6 +150,8 @@ def run_cli(*overrides, cwd=REPO):
         (["model.config_path=no_such_model.json"], "model.config_path=no_such_model.json"),
         (["max_length=8192"], "max_position_embeddings=4096"),
         (["model.compute_dtype=bfloat16"], "model.compute_dtype=bfloat16: not built yet on backend=xla"),
+        (["compile=true"], "compile=true: backend=xla always compiles"),
+        (["compile=true", "compile_backend=tvm"], "compile_backend=tvm: use one of inductor, aot_eager"),
     ],
 )
 def test_cli_bad_input_is_one_line_nonzero_exit_no_traceback_and_keeps_old_files(tmp_path, overrides, names):

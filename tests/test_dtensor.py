@@ -47,7 +47,7 @@ def environment(**extra) -> dict:
 
 def torchrun(processes: int, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """run_clm.py backend=dtensor in `processes` gloo CPU processes."""
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}",
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
                            str(REPO / "run_clm.py"), "backend=dtensor", *overrides],
                           capture_output=True, text=True, cwd=REPO, env=environment(OMP_NUM_THREADS="1"),
                           timeout=timeout)
@@ -69,15 +69,54 @@ def metrics(run_dir: Path) -> dict[int, dict]:
     return rows
 
 
+def test_tensor_parallel_styles_come_from_the_rule_table_and_what_has_none_is_refused(tmp_path):
+    """Mixtral's table: q/k/v colwise and o rowwise, the embeddings and the head colwise with whole
+    outputs, the router and the experts not split over tensor. GPT-2's table splits Conv1D weights,
+    for which there is no style: one line naming the rule; tied embeddings are refused too."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    from clm.config import load_config
+    from clm.engine.dtensor import tensor_parallel_plan
+    from clm.errors import UserError
+    from clm.model.plan import ModelPlan
+    from clm.parallel.mesh import mesh_shape
+
+    def styles(*overrides):
+        cfg = load_config(["backend=dtensor", "tensor_parallelism=2", *overrides], num_devices=4)
+        model_plan = ModelPlan.from_config(cfg, mesh_shape(4, 2, 1, 1))
+        return tensor_parallel_plan(model_plan.meta_model, model_plan.shardings, 2)
+
+    plan = styles()
+    layer = "model.layers.{}.self_attn."
+    expected = {**{layer.format(i) + p: ColwiseParallel for i in (0, 1) for p in ("q_proj", "k_proj", "v_proj")},
+                **{layer.format(i) + "o_proj": RowwiseParallel for i in (0, 1)},
+                "model.embed_tokens": ColwiseParallel, "lm_head": ColwiseParallel}
+    assert {path: type(style) for path, style in plan.items()} == expected
+    assert [str(plan[p].output_layouts[0]) for p in ("model.embed_tokens", "lm_head")] == ["R", "R"]
+    assert str(plan["model.layers.0.self_attn.q_proj"].output_layouts[0]) == "S(-1)"
+
+    gpt2 = write_family(tmp_path / "gpt2", "gpt2", tokenizer=False)
+    with pytest.raises(UserError, match=r"^tensor_parallelism=2: sharding rule 'transformer.h.\*.attn.c_attn.weight' "
+                                        r"splits 'transformer.h.0.attn.c_attn.weight' \(Conv1D\) over tensor"):
+        styles(f"model.name_or_path={gpt2}")
+    tied = write_family(tmp_path / "llama", "llama", tokenizer=False, tie_word_embeddings=True)
+    with pytest.raises(UserError, match=r"^tensor_parallelism=2: llama ties its input and output embeddings"):
+        styles(f"model.name_or_path={tied}")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["mixtral", "llama"])
+@pytest.mark.parametrize("model", ["mixtral", "llama", "mixtral-fsdp2-tensor2"])
 def test_fsdp4_on_gloo_processes_matches_xla_spmd_on_four_devices(data_dir, tmp_path, model):
     """The tiny Mixtral (clm's random init) and a tiny Llama (pretrained weights in the hub's
-    layout, each process reading its slices)."""
+    layout, each process reading its slices) on fsdp=4; the tiny Mixtral on fsdp=2 x tensor=2
+    (parallelize_module from the rule table: attention and embeddings split over tensor, the
+    processes of a tensor pair reading the same rows)."""
     if model == "mixtral":
         knobs = []  # the default model: mixtral_tiny.json, capacity factor 1.25
-    else:
+    elif model == "llama":
         knobs = [f"model.name_or_path={write_family(tmp_path / 'llama', 'llama', tokenizer=False)}"]
+    else:
+        knobs = ["tensor_parallelism=2"]
     runs = {}
     for engine, run in (("dtensor", torchrun), ("xla", xla_run)):
         result = run(PROCESSES, *SHAPES, *data(data_dir), *knobs, f"output_dir={tmp_path / engine}")
@@ -114,15 +153,52 @@ def test_megatron_mixed_precision_computes_in_bf16_and_keeps_fp32_parameters_and
     assert dtypes == {"torch.float32"}
 
 
+def profiled_ops(run_dir: Path) -> dict[str, int]:
+    """How often each operator ran in process 0's profiled step (xla_profile_step)."""
+    from collections import Counter
+
+    trace = sorted((run_dir / "profile").glob("*.pt.trace.json"))[0]
+    return Counter(event.get("name") for event in json.loads(trace.read_text())["traceEvents"])
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_and_compile_keep_the_losses_on_tensor_parallel_processes(data_dir, tmp_path):
+    """fsdp=1 x tensor=2 on 2 processes: activation checkpointing (per decoder layer) gives the
+    same losses, bit for bit, and recomputes the layers' projections in the backward pass;
+    compile=true (with it, aot_eager: the graphs torch.compile captures, without inductor's code
+    generation, which takes minutes here) gives them within 1e-5 and runs compiled regions."""
+    profile = ["xla_profile_step=2"]
+    runs, ops = {}, {}
+    for name, knobs in (("eager", []), ("recompute", ["model.fsdp_config.xla_fsdp_grad_ckpt=true"]),
+                        ("compiled", ["model.fsdp_config.xla_fsdp_grad_ckpt=true", "compile=true",
+                                      "compile_backend=aot_eager"])):
+        result = torchrun(2, *SHAPES, *data(data_dir), "tensor_parallelism=2", *profile, *knobs,
+                          f"output_dir={tmp_path / name}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = metrics(tmp_path / name / "moe_trial")
+        ops[name] = profiled_ops(tmp_path / name / "moe_trial")
+
+    keys = ("train/loss", "train/grad_norm", "eval/loss")
+    for step in range(6):
+        assert [runs["recompute"][step].get(k) for k in keys] == [runs["eager"][step].get(k) for k in keys], step
+        for key in keys:
+            if key in runs["eager"][step]:
+                assert runs["compiled"][step][key] == pytest.approx(runs["eager"][step][key], rel=1e-5), (step, key)
+    # Each decoder layer's 4 attention projections and router ran again in the backward pass.
+    assert ops["recompute"]["aten::linear"] == ops["eager"]["aten::linear"] + 2 * 5
+    assert not any(str(name).startswith("Torch-Compiled Region") for name in ops["recompute"])
+    assert any(str(name).startswith("Torch-Compiled Region") for name in ops["compiled"])
+
+
 @pytest.mark.slow
 def test_what_is_not_built_yet_is_one_line_on_process_0_exit_2(tmp_path):
     """Every process finds it; process 0 says it and exits 2, torchrun stops the other and reports
     process 0's exit code in its own failure summary (torchrun's traceback, then exit 1: the
     launcher's, not clm's)."""
-    result = torchrun(2, "tensor_parallelism=2", f"output_dir={tmp_path}")
+    result = torchrun(2, "async_checkpoint=true", f"output_dir={tmp_path}")
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: tensor_parallelism=2: not built yet on backend=dtensor; use backend=xla or "
-                      "tensor_parallelism=1"], result.stderr[-3000:]
+    assert errors == ["error: async_checkpoint=true: not built yet on backend=dtensor; use backend=xla or "
+                      "async_checkpoint=false"], result.stderr[-3000:]
     root_cause = result.stderr[result.stderr.index("Root Cause"):]
     assert "rank      : 0" in root_cause and "exitcode  : 2" in root_cause, result.stderr[-3000:]
     assert "run_clm.py\", line" not in result.stderr and "/clm/" not in result.stderr  # no traceback of clm's
@@ -163,7 +239,8 @@ def test_killed_and_resumed_continues_bitwise(data_dir, tmp_path):
 
     output = [f"output_dir={tmp_path / 'killed'}"]
     checkpoints = tmp_path / "killed" / "moe_trial" / "checkpoints"
-    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={PROCESSES}",
+    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                f"--nproc-per-node={PROCESSES}",
                                 str(REPO / "run_clm.py"), "backend=dtensor", *run, *output],
                                cwd=REPO, env=environment(OMP_NUM_THREADS="1"), start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -68,9 +68,13 @@ class Engine(Protocol):
         """Processes and devices, before anything is built (once per process)."""
 
     def process_index(self) -> int:
-        """This process's index: it reads its own share of the data; process 0 writes the logs."""
+        """This process's index: process 0 writes the logs."""
 
     def process_count(self) -> int: ...
+
+    def data_shard(self) -> tuple[int, int]:
+        """(index, count) of this process among those that read distinct rows, after build_model
+        (processes that differ only in their tensor-parallel rank read the same rows)."""
 
     def build_model(self, model_plan: ModelPlan) -> ShardedModel:
         """The plan's model on its mesh, sharded and filled (random init or pretrained)."""

@@ -5,11 +5,14 @@ without torchrun, one process). Process group: gloo on CPU; on CUDA nccl for the
 gloo beside it for CPU tensors (the stop agreement, checkpoint planning). Mesh: a DeviceMesh of
 the config's shape (dcn x fsdp x expert x tensor, as clm.parallel.mesh_shape computes it).
 
-The model is transformers' model of the plan on the meta device, then FSDP2 (`fully_shard`)
-on each decoder layer and on the root over the data axes (HSDP when dcn > 1: replicated over
-dcn, sharded over fsdp), then materialised empty on the device and filled one parameter at a
-time: clm's mesh-independent random init (clm.model.init: the same values as on XLA, each
-process keeping its shard) or the pretrained weights (each process reading only its slice).
+The model is transformers' model of the plan on the meta device, then, in torchtitan's order:
+tensor parallelism over the `tensor` axis (parallelize_module, its styles read from the rule
+table: `tensor_parallel_plan`), activation checkpointing per decoder layer, torch.compile per
+decoder layer (`compile=true`), and FSDP2 (`fully_shard`) on each decoder layer and on the root
+over the data axes (HSDP when dcn > 1: replicated over dcn, sharded over fsdp); then it is
+materialised empty on the device and filled one parameter at a time: clm's mesh-independent
+random init (clm.model.init: the same values as on XLA, each process keeping its shard) or
+the pretrained weights (each process reading only its slice).
 model.compute_dtype is FSDP2's MixedPrecisionPolicy (Megatron's scheme: parameters, gradient
 reduction and optimizer in model.dtype, forward and backward in the compute dtype).
 The MoE layers run clm's capacity experts (clm.model.moe), plain PyTorch on the gathered
@@ -18,13 +21,12 @@ weights inside FSDP's forward; dropless is the static path with C = S.
 Execution is eager: a step is launched as it is written, `cut` has nothing to do, and no step
 waits for the host except a log step's values, which are copied to the host without blocking
 (CUDA: into pinned memory behind an event) and read on the run log's thread. Each process
-computes the loss terms of its own rows and `FullyShardedModel` reduces them over the data
-axes inside the step (all-reduces, no host sync), so every logged value is the global batch's,
-as XLA's one program computes it.
+computes the loss terms of its own rows (the processes of a tensor group share theirs) and
+`FullyShardedModel` reduces them over the data processes inside the step (all-reduces, no
+host sync), so every logged value is the global batch's, as XLA's one program computes it.
 
-Not built yet here (each refused in one line by `check`): tensor and expert parallelism
-(parallelize_module from the rule tables; expert all-to-all), activation checkpointing,
-torch_xla's initial-weights checkpoints, asynchronous checkpoints.
+Not built yet here (each refused in one line by `check`): expert parallelism (expert
+all-to-all), torch_xla's initial-weights checkpoints, asynchronous checkpoints.
 """
 
 from __future__ import annotations
@@ -33,24 +35,28 @@ import contextlib
 import os
 import random
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
+from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from clm import checkpoint, gpu, runtime
 from clm.config import XLA_ADAMW
 from clm.engine.backend import DTENSOR
 from clm.errors import UserError
 from clm.model import init, moe
-from clm.model.build import ShardedModel, cast_parameters
+from clm.model.build import ShardedModel, cast_parameters, checkpoint_layers
 from clm.model.config import meta_model
 from clm.optim import prime_optimizer
-from clm.parallel.mesh import AXES
-from clm.parallel.sharding import model_tensors
+from clm.parallel.mesh import AXES, axes_of
+from clm.parallel.sharding import model_tensors, tied_aliases
 
 
 class DTensorEngine:
@@ -59,6 +65,7 @@ class DTensorEngine:
     def __init__(self):
         self.device: torch.device | None = None  # this process's device, set by setup
         self.mesh = None  # the DeviceMesh of the run's shape, set by build_model
+        self.row_mesh = None  # its processes that read distinct rows, flattened; set by build_model
         self._rows: ThreadPoolExecutor | None = None  # run_async's thread
         self._queued: list[Future] = []
 
@@ -85,10 +92,7 @@ class DTensorEngine:
     def check(self, model_plan) -> None:
         cfg, shape = model_plan.cfg, model_plan.mesh_shape
         not_built = [
-            ("tensor_parallelism", shape.tensor, shape.tensor > 1, "tensor_parallelism=1"),
             ("expert_parallelism", shape.expert, shape.expert > 1, "expert_parallelism=1"),
-            ("model.fsdp_config.xla_fsdp_grad_ckpt", "true", cfg.model.fsdp_config.xla_fsdp_grad_ckpt,
-             "model.fsdp_config.xla_fsdp_grad_ckpt=false"),
             ("checkpoint_manager_path", cfg.checkpoint_manager_path, bool(cfg.checkpoint_manager_path),
              "model.name_or_path (hub-layout weights)"),
             ("async_checkpoint", "true", cfg.async_checkpoint, "async_checkpoint=false"),
@@ -96,6 +100,8 @@ class DTensorEngine:
         for knob, value, refused, instead in not_built:
             if refused:
                 raise UserError(f"{knob}={value}: not built yet on backend=dtensor; use backend=xla or {instead}")
+        if shape.tensor > 1:
+            tensor_parallel_plan(model_plan.meta_model, model_plan.shardings, shape.tensor)  # its UserError, if any
 
     # ---- build
     def setup(self, cfg) -> None:
@@ -131,14 +137,25 @@ class DTensorEngine:
             self.mesh = init_device_mesh(self.device.type, tuple(shape.sizes.values()), mesh_dim_names=AXES)
         # FSDP over the data axes: sharded over fsdp, replicated over dcn (HSDP) when there are slices.
         data_mesh = self.mesh["dcn", "fsdp"] if shape.dcn > 1 else self.mesh["fsdp"]
+        # The processes that read distinct rows (every axis but tensor), as one dimension.
+        self.row_mesh = self.mesh[tuple(axis for axis in AXES if axis != "tensor")]._flatten("rows")
 
         module = meta_model(model_plan.hf_config)  # its own, as on XLA: the plan's stays a description
         module.set_attn_implementation(model_plan.attention.implementation)
         cast_parameters(module, getattr(torch, cfg.model.dtype))
+        layers = [m for m in module.modules() if isinstance(m, GradientCheckpointingLayer)]
+        # torchtitan's order: tensor parallelism, activation checkpointing, compile, then FSDP.
+        if shape.tensor > 1:
+            apply_tensor_parallel(module, self.mesh["tensor"],
+                                  tensor_parallel_plan(module, model_plan.shardings, shape.tensor))
+        if cfg.model.fsdp_config.xla_fsdp_grad_ckpt:
+            apply_activation_checkpointing(module, cfg.model.fsdp_config.fsdp_transformer_layer_cls_to_wrap)
+        if cfg.compile:
+            apply_compile(layers, cfg.compile_backend)
         # One FSDP unit per decoder layer (its weights gathered for its forward and backward
         # only), and the root for the rest (embeddings, final norm, head).
         fsdp = {"mesh": data_mesh, "mp_policy": mixed_precision(cfg.model.dtype, cfg.model.compute_dtype)}
-        for layer in [m for m in module.modules() if isinstance(m, GradientCheckpointingLayer)]:
+        for layer in layers:
             fully_shard(layer, **fsdp)
         fully_shard(module, **fsdp)
         module.to_empty(device=self.device)
@@ -150,7 +167,10 @@ class DTensorEngine:
             init.initialize_parameters(module, cfg.seed, put)
         routing = moe.Routing(module, model_plan.capacity_factor) if model_plan.is_moe else None
         return FullyShardedModel(module, self.mesh, shape, routing, model_plan.attention,
-                                 model_plan.router_bias_update_rate)
+                                 model_plan.router_bias_update_rate, data_group=self.row_mesh.get_group())
+
+    def data_shard(self) -> tuple[int, int]:
+        return self.row_mesh.get_local_rank(), self.row_mesh.size()
 
     def load_weights(self, model, path: str) -> None:
         raise AssertionError("check() refuses checkpoint_manager_path on backend=dtensor")
@@ -217,7 +237,7 @@ class DTensorEngine:
                 raise RuntimeError("a logging step closure failed") from error
 
     def compile_count(self) -> int:
-        return 0  # nothing is compiled (no torch.compile yet)
+        return 0  # XLA graphs: none (torch.compile's are not counted)
 
     def compile_analysis_file(self) -> str | None:
         return None
@@ -236,6 +256,69 @@ class DTensorEngine:
 
 
 # ------------------------------------------------------------------------------ the model
+
+
+def tensor_parallel_plan(module: torch.nn.Module, shardings, tensor: int) -> dict:
+    """parallelize_module's plan {module path: style}, read from the rule table (the plan's
+    `shardings`, which XLA places from): a Linear whose weight [out, in] the table splits over
+    `tensor` on out is colwise, on in rowwise (q/k/v and o, gate/up and down, lm_head); an
+    Embedding [V, H] split on H is colwise, on V rowwise (vocab-parallel). Colwise outputs stay
+    local (a head's shard of q/k/v feeds its own attention), except the output embeddings' and
+    the input embeddings', which are gathered (the loss and the residual stream are whole).
+
+    Expert weights ([E, 2I, H] / [E, H, I], which the tables split on the intermediate dim) are
+    not split over `tensor` here: the fused gate/up rows of a tensor rank would be all gate or
+    all up, so the expert MLP could not run locally. Each tensor rank runs every expert of its
+    rows on weights FSDP shards over the data axes. Any other tensor split has no style here
+    and is refused in one line.
+    """
+    modules = dict(module.named_modules())
+    gathered = {module.get_input_embeddings(), module.get_output_embeddings()}
+    plan = {}
+    for entry in shardings:
+        dims = [d for d, axes in enumerate(entry.spec) if "tensor" in axes_of(axes)]
+        if not dims:
+            continue
+        path, _, attr = entry.name.rpartition(".")
+        owner = modules[path]
+        if moe.is_experts(owner):
+            continue  # see the docstring
+        if attr == "weight" and dims in ([0], [1]) and isinstance(owner, (nn.Linear, nn.Embedding)):
+            colwise = dims == [0 if isinstance(owner, nn.Linear) else 1]
+            if colwise:
+                plan[path] = ColwiseParallel(output_layouts=Replicate()) if owner in gathered else ColwiseParallel()
+            else:
+                plan[path] = RowwiseParallel(input_layouts=Replicate()) if owner in gathered else RowwiseParallel()
+            continue
+        raise UserError(f"tensor_parallelism={tensor}: sharding rule '{entry.rule}' splits '{entry.name}' "
+                        f"({type(owner).__name__}) over tensor, which backend=dtensor has no tensor-parallel style "
+                        "for (Linear and Embedding weights only); use tensor_parallelism=1 or backend=xla")
+    if tied_aliases(module):  # one weight, which the two styles would split on different dimensions
+        raise UserError(f"tensor_parallelism={tensor}: {module.config.model_type} ties its input and output "
+                        "embeddings, which backend=dtensor does not split over tensor; use tensor_parallelism=1 "
+                        "or backend=xla")
+    return plan
+
+
+def apply_tensor_parallel(module: torch.nn.Module, mesh, plan: dict) -> None:
+    """Megatron's tensor parallelism over the `tensor` mesh (torch's parallelize_module), before
+    FSDP: the weights become DTensors split over tensor, which fully_shard then also shards
+    over the data axes."""
+    parallelize_module(module, mesh, plan)
+
+
+def apply_activation_checkpointing(module: torch.nn.Module, class_names) -> None:
+    """model.fsdp_config.xla_fsdp_grad_ckpt: recompute the decoder layers of the named classes in
+    the backward pass (torch's non-reentrant checkpoint through transformers' hook). Non-reentrant:
+    the router logits recorded inside a layer carry the graph, so the load-balancing loss trains."""
+    checkpoint_layers(module, class_names, partial(torch.utils.checkpoint.checkpoint, use_reentrant=False))
+
+
+def apply_compile(layers: list[torch.nn.Module], backend: str) -> None:
+    """compile=true: torch.compile per decoder layer, as torchtitan (FSDP's hooks, added after,
+    run eagerly: torch.compile skips them)."""
+    for layer in layers:
+        layer.compile(backend=backend)
 
 
 def mixed_precision(dtype: str, compute_dtype: str | None) -> MixedPrecisionPolicy:
@@ -290,38 +373,55 @@ class FullyShardedModel(ShardedModel):
       (Megatron computes it per micro-batch too). The next slice can pool the fractions.
     """
 
+    def __init__(self, *args, data_group, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.data_group = data_group  # the processes with distinct rows (tensor ranks share theirs)
+
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         logits = super().__call__(input_ids)
         if self.routing is not None:
             for layer in self.routing.layers:
-                layer.expert_load = _gather_rows(layer.expert_load)
+                layer.expert_load = _gather_rows(layer.expert_load, self.data_group)
         return logits
 
     def loss_terms(self, input_ids, labels, ignore_index):
         from torch.distributed.nn.functional import all_reduce
 
         terms = super().loss_terms(input_ids, labels, ignore_index)
-        processes = dist.get_world_size()
+        processes = dist.get_world_size(self.data_group)
         if processes == 1:
             return terms
-        losses = all_reduce(torch.stack([terms.loss_sum, terms.aux_loss.to(terms.loss_sum.dtype)]))
+        losses = all_reduce(torch.stack([terms.loss_sum, terms.aux_loss.to(terms.loss_sum.dtype)]),
+                            group=self.data_group)
         terms.loss_sum, terms.aux_loss = losses[0], losses[1] / processes
         counts = torch.stack([terms.num_scored, terms.num_inputs])
-        dist.all_reduce(counts)
+        dist.all_reduce(counts, group=self.data_group)
         terms.num_scored, terms.num_inputs = counts[0], counts[1]
         return terms
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        norm = super().clip_grad_norm(max_norm)
-        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+        """As ShardedModel's, over gradients on several meshes (tensor-parallel weights on
+        fsdp x tensor, the others on the data axes): DTensors of different meshes cannot be
+        stacked, so one norm per mesh, combined."""
+        by_mesh = {}
+        for p in self.module.parameters():
+            if p.grad is not None:
+                by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
+        norms = [torch.nn.utils.get_total_norm([p.grad for p in group]) for group in by_mesh.values()]
+        norms = [norm.full_tensor() if isinstance(norm, DTensor) else norm for norm in norms]
+        norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+        if max_norm > 0:  # clips only when max_grad_norm > 0 (as the reference)
+            for group in by_mesh.values():
+                torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm)
+        return norm
 
 
-def _gather_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """Every process's rows of `tensor`, in process order (as XLA's global batch holds them)."""
-    if dist.get_world_size() == 1:
+def _gather_rows(tensor: torch.Tensor, group) -> torch.Tensor:
+    """Every data process's rows of `tensor`, in process order (as XLA's global batch holds them)."""
+    if dist.get_world_size(group) == 1:
         return tensor
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
     return torch.cat(parts)
 
 

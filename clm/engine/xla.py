@@ -53,6 +53,9 @@ class XlaEngine:
         if compute is not None:
             raise UserError(f"model.compute_dtype={compute}: not built yet on backend=xla (parameters compute in "
                             "model.dtype); use backend=dtensor or model.compute_dtype=null")
+        if model_plan.cfg.compile:
+            raise UserError("compile=true: backend=xla always compiles (each step is traced and compiled as XLA "
+                            "graphs); use compile=false, or backend=dtensor for torch.compile")
 
     # ---- build
     def setup(self, cfg) -> None:
@@ -63,6 +66,9 @@ class XlaEngine:
 
     def process_count(self) -> int:
         return runtime.process_count()
+
+    def data_shard(self) -> tuple[int, int]:
+        return self.process_index(), self.process_count()  # one process per host; check refuses tensor on several
 
     def build_model(self, model_plan) -> ShardedModel:
         model = build_sharded_model(model_plan)

@@ -247,15 +247,26 @@ def enable_activation_checkpointing(module, routing: moe.Routing | None, class_n
     the checkpointed function, which do carry the graph, and records those instead.
     """
     import torch_xla.distributed.spmd as xs
+
+    for layer in checkpoint_layers(module, class_names, partial(_checkpoint, routing)):
+        xs.apply_backward_optimization_barrier(layer)
+
+
+def checkpoint_layers(module, class_names, function: Callable) -> list[torch.nn.Module]:
+    """transformers' gradient-checkpointing hook with `function` as the checkpoint, on the decoder
+    layers of the classes named (both engines); returns those layers. transformers checkpoints
+    a layer's `forward`, so module hooks (FSDP2's) stay outside the recomputed region."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    module._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=partial(_checkpoint, routing))
+    module._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=function)
+    layers = []
     for layer in module.modules():
         if isinstance(layer, GradientCheckpointingLayer):
             # The hook turned it on for every checkpointable layer; the knob names the classes recomputed.
             layer.gradient_checkpointing = type(layer).__name__ in class_names
             if layer.gradient_checkpointing:
-                xs.apply_backward_optimization_barrier(layer)
+                layers.append(layer)
+    return layers
 
 
 def _checkpoint(routing: moe.Routing | None, layer_forward, *args):
