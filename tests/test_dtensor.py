@@ -23,8 +23,10 @@ from test_megatron_data import EOD, VOCAB, write_indexed
 
 REPO = Path(__file__).resolve().parents[1]
 PROCESSES = 4
-# Train losses and the last eval's, DTensor against XLA (the step-0 eval is within 1e-5).
-TRAIN_LOSS_REL = 1e-3
+# Train losses and the last eval's, DTensor against XLA (the step-0 eval is within 1e-5). The
+# issue asks 1e-3; measured within 1.2e-7 for every case once the load-balancing loss is pooled
+# (it was per process before, 1e-4 apart on the Mixtral), so a regression of that size fails.
+TRAIN_LOSS_REL = 1e-5
 SHAPES = ["max_length=64", "global_train_batch_size=8", "global_eval_batch_size=8", "n_eval_examples=8",
           "max_steps=5", "eval_frequency=5", "seed=1234", "wandb.mode=disabled"]
 
