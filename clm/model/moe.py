@@ -365,10 +365,19 @@ class AuxLoss:
     def of(model: torch.nn.Module) -> AuxLoss | None:
         # The family's modeling module: that of the model's class, or of the class it derives
         # from where an engine subclassed it (FSDP2's fully_shard makes FSDP<Class>).
-        has_one = any("load_balancing_loss_func" in vars(sys.modules[cls.__module__]) for cls in type(model).__mro__)
-        if not has_one or not hasattr(model, "router_aux_loss_coef"):
+        function = next((vars(sys.modules[cls.__module__]).get("load_balancing_loss_func")
+                         for cls in type(model).__mro__
+                         if "load_balancing_loss_func" in vars(sys.modules[cls.__module__])), None)
+        if function is None or not hasattr(model, "router_aux_loss_coef"):
             return None  # the family has none (DeepSeek-V3 balances with its correction bias)
-        return AuxLoss(int(model.num_experts), int(model.num_experts_per_tok), float(model.router_aux_loss_coef))
+        aux_loss = AuxLoss(int(model.num_experts), int(model.num_experts_per_tok), float(model.router_aux_loss_coef))
+        # A family whose function is another formula is refused, never silently given Switch's.
+        logits = tuple(torch.randn(16, aux_loss.num_experts, generator=torch.Generator().manual_seed(layer))
+                       for layer in range(2))
+        if not torch.allclose(aux_loss(logits), function(logits, aux_loss.num_experts, aux_loss.top_k), rtol=1e-5):
+            raise ValueError(f"{type(model).__name__}'s load_balancing_loss_func is not Switch Transformer's "
+                             "formula, the one clm computes (clm.model.moe.AuxLoss)")
+        return aux_loss
 
     def __call__(self, router_logits: tuple[torch.Tensor, ...],
                  pool: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
