@@ -50,9 +50,10 @@ def environment(**extra) -> dict:
 
 
 def torchrun(processes: int, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """run_clm.py backend=dtensor in `processes` gloo CPU processes."""
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}",
-                           str(REPO / "run_clm.py"), "backend=dtensor", *overrides],
+    """run_clm.py backend=dtensor in `processes` gloo CPU processes (`--standalone`: a free port for
+    the rendezvous, so runs of other tests on the machine do not collide on torchrun's default)."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc-per-node={processes}", str(REPO / "run_clm.py"), "backend=dtensor", *overrides],
                           capture_output=True, text=True, cwd=REPO, env=environment(OMP_NUM_THREADS="1"),
                           timeout=timeout)
 
@@ -224,8 +225,9 @@ def test_killed_and_resumed_continues_bitwise(data_dir, tmp_path):
 
     output = [f"output_dir={tmp_path / 'killed'}"]
     checkpoints = tmp_path / "killed" / "moe_trial" / "checkpoints"
-    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={PROCESSES}",
-                                str(REPO / "run_clm.py"), "backend=dtensor", *run, *output],
+    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                f"--nproc-per-node={PROCESSES}", str(REPO / "run_clm.py"), "backend=dtensor",
+                                *run, *output],
                                cwd=REPO, env=environment(OMP_NUM_THREADS="1"), start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
