@@ -23,6 +23,10 @@ from test_megatron_data import EOD, VOCAB, write_indexed
 
 REPO = Path(__file__).resolve().parents[1]
 PROCESSES = 4
+# Train losses and the last eval's, DTensor against XLA (the step-0 eval is within 1e-5). The
+# issue asks 1e-3; measured within 1.2e-7 for every case once the load-balancing loss is pooled
+# (it was per process before, 1e-4 apart on the Mixtral), so a regression of that size fails.
+TRAIN_LOSS_REL = 1e-5
 SHAPES = ["max_length=64", "global_train_batch_size=8", "global_eval_batch_size=8", "n_eval_examples=8",
           "max_steps=5", "eval_frequency=5", "seed=1234", "wandb.mode=disabled"]
 
@@ -46,9 +50,10 @@ def environment(**extra) -> dict:
 
 
 def torchrun(processes: int, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """run_clm.py backend=dtensor in `processes` gloo CPU processes."""
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-                           str(REPO / "run_clm.py"), "backend=dtensor", *overrides],
+    """run_clm.py backend=dtensor in `processes` gloo CPU processes (`--standalone`: a free port for
+    the rendezvous, so runs of other tests on the machine do not collide on torchrun's default)."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc-per-node={processes}", str(REPO / "run_clm.py"), "backend=dtensor", *overrides],
                           capture_output=True, text=True, cwd=REPO, env=environment(OMP_NUM_THREADS="1"),
                           timeout=timeout)
 
@@ -103,20 +108,34 @@ def test_tensor_parallel_styles_come_from_the_rule_table_and_what_has_none_is_re
     with pytest.raises(UserError, match=r"^tensor_parallelism=2: llama ties its input and output embeddings"):
         styles(f"model.name_or_path={tied}")
 
+    from clm.engine.dtensor import DTensorEngine
+
+    cfg = load_config(["backend=dtensor", "tensor_parallelism=2", "expert_parallelism=2"], num_devices=8)
+    with pytest.raises(UserError, match=r"^tensor_parallelism=2 with expert_parallelism=2: not built together"):
+        DTensorEngine().check(ModelPlan.from_config(cfg, mesh_shape(8, 2, 2, 1)))
+
+
+# The model and its parallelism per parity case: the engines' meshes have the same shape.
+PARITY = {
+    "mixtral": [],  # the default model: mixtral_tiny.json (clm's random init), capacity factor 1.25, fsdp=4
+    "llama": [],  # pretrained weights in the hub's layout (each process reading its slices), fsdp=4
+    # fsdp=2 x tensor=2: parallelize_module from the rule table (attention and embeddings split over
+    # tensor), the processes of a tensor pair reading the same rows
+    "mixtral-fsdp2-tensor2": ["tensor_parallelism=2"],
+    # fsdp=2 x expert=2: expert weights sharded by expert, tokens moved by all-to-all
+    "gpt_oss": ["model.capacity_factor=0", "expert_parallelism=2"],  # dropless
+    "qwen3_moe": ["model.capacity_factor=1.25", "expert_parallelism=2"],
+}
+
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["mixtral", "llama", "mixtral-fsdp2-tensor2"])
-def test_fsdp4_on_gloo_processes_matches_xla_spmd_on_four_devices(data_dir, tmp_path, model):
-    """The tiny Mixtral (clm's random init) and a tiny Llama (pretrained weights in the hub's
-    layout, each process reading its slices) on fsdp=4; the tiny Mixtral on fsdp=2 x tensor=2
-    (parallelize_module from the rule table: attention and embeddings split over tensor, the
-    processes of a tensor pair reading the same rows)."""
-    if model == "mixtral":
-        knobs = []  # the default model: mixtral_tiny.json, capacity factor 1.25
-    elif model == "llama":
-        knobs = [f"model.name_or_path={write_family(tmp_path / 'llama', 'llama', tokenizer=False)}"]
-    else:
-        knobs = ["tensor_parallelism=2"]
+@pytest.mark.parametrize("model", list(PARITY))
+def test_gloo_processes_match_xla_spmd_on_four_devices(data_dir, tmp_path, model):
+    """The same losses, and for MoE models the same load-balancing loss (pooled over the
+    processes, as XLA's one program computes it over the global batch) and drops."""
+    knobs = list(PARITY[model])
+    if not model.startswith("mixtral"):
+        knobs.append(f"model.name_or_path={write_family(tmp_path / model, model, tokenizer=False)}")
     runs = {}
     for engine, run in (("dtensor", torchrun), ("xla", xla_run)):
         result = run(PROCESSES, *SHAPES, *data(data_dir), *knobs, f"output_dir={tmp_path / engine}")
@@ -128,8 +147,56 @@ def test_fsdp4_on_gloo_processes_matches_xla_spmd_on_four_devices(data_dir, tmp_
     assert dtensor[0]["eval/loss"] == pytest.approx(xla[0]["eval/loss"], rel=1e-5)  # the same weights
     for step in range(1, 6):
         assert dtensor[step]["train/num_tokens"] == xla[step]["train/num_tokens"] == 8 * 64
-        assert dtensor[step]["train/loss"] == pytest.approx(xla[step]["train/loss"], rel=1e-3), step
-    assert dtensor[5]["eval/loss"] == pytest.approx(xla[5]["eval/loss"], rel=1e-3)
+        assert dtensor[step]["train/loss"] == pytest.approx(xla[step]["train/loss"], rel=TRAIN_LOSS_REL), step
+        if model != "llama":
+            assert dtensor[step]["train/aux_loss"] == pytest.approx(xla[step]["train/aux_loss"], rel=1e-5), step
+            assert dtensor[step]["moe/drop_fraction"] == xla[step]["moe/drop_fraction"], step
+    assert dtensor[5]["eval/loss"] == pytest.approx(xla[5]["eval/loss"], rel=TRAIN_LOSS_REL)
+    drops = [dtensor[step]["moe/drop_fraction"] for step in range(1, 6)] if model != "llama" else []
+    if model == "gpt_oss":
+        assert drops == [0.0] * 5  # dropless under expert parallelism too
+    elif drops:
+        assert min(drops) > 0  # the capacity binds: the drops compared above are real ones
+
+
+def test_dropless_is_transformers_grouped_mm_where_torch_has_a_grouped_gemm():
+    """The selection: a capacity factor, or expert parallelism (whose all-to-all moves the static
+    [B, E, C = S, H] buffer), takes the static path; dropless otherwise takes transformers'
+    grouped_mm experts where torch has a grouped GEMM for the device. On this CPU (torch 2.9's
+    CPU kernel) that is checked to give the static path's logits and gradients for a tiny
+    gpt-oss (biased, transposed, clamped experts) and Qwen3-MoE; CUDA (sm90+) is not tested here."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    from clm.engine.dtensor import grouped_mm_dropless
+    from clm.model import moe
+    from families import family_config
+
+    cpu = torch.device("cpu")
+    assert grouped_mm_dropless(cpu, 1.25, 1) is None
+    assert grouped_mm_dropless(cpu, 0, 2) is None
+    assert grouped_mm_dropless(torch.device("meta"), 0, 1) is None
+    assert grouped_mm_dropless(cpu, 0, 1) is ALL_EXPERTS_FUNCTIONS["grouped_mm"]  # torch >= 2.9 on CPU
+
+    for model_type in ("gpt_oss", "qwen3_moe"):
+        config = family_config(model_type)
+        config._experts_implementation = moe.EXPERTS_IMPLEMENTATION
+        torch.manual_seed(0)
+        static = AutoModelForCausalLM.from_config(config)
+        grouped = copy.deepcopy(static)
+        moe.Routing(static, 0.0)
+        moe.Routing(grouped, 0.0, dropless=grouped_mm_dropless(cpu, 0, 1))
+        input_ids = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+        logits = {}
+        for name, model in (("static", static), ("grouped", grouped)):
+            logits[name] = model(input_ids=input_ids).logits
+            logits[name].square().mean().backward()
+        torch.testing.assert_close(logits["grouped"], logits["static"], rtol=1e-5, atol=1e-5)
+        for (name, expected), actual in zip(static.named_parameters(), grouped.parameters()):
+            torch.testing.assert_close(actual.grad, expected.grad, rtol=1e-4, atol=1e-6, msg=f"{model_type} {name}")
 
 
 @pytest.mark.slow
@@ -240,8 +307,8 @@ def test_killed_and_resumed_continues_bitwise(data_dir, tmp_path):
     output = [f"output_dir={tmp_path / 'killed'}"]
     checkpoints = tmp_path / "killed" / "moe_trial" / "checkpoints"
     process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                f"--nproc-per-node={PROCESSES}",
-                                str(REPO / "run_clm.py"), "backend=dtensor", *run, *output],
+                                f"--nproc-per-node={PROCESSES}", str(REPO / "run_clm.py"), "backend=dtensor",
+                                *run, *output],
                                cwd=REPO, env=environment(OMP_NUM_THREADS="1"), start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300

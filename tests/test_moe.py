@@ -234,19 +234,41 @@ def random_router_logits() -> tuple[torch.Tensor, ...]:
 
 
 def aux_loss() -> moe.AuxLoss:
-    return moe.AuxLoss(load_balancing_loss_func, NUM_EXPERTS, TOP_K, 0.02)
+    return moe.AuxLoss(NUM_EXPERTS, TOP_K, 0.02)
 
 
 def test_load_balancing_loss_is_hfs_unmasked_value_with_its_gradients():
-    """clm calls HF's function with an all-ones mask (its scatter_add branch): the same value
-    and gradients as HF's unmasked call (its histc branch, which runs on CPU only)."""
+    """clm counts as HF's masked branch does (scatter_add): the same value and gradients as HF's
+    unmasked call (its histc branch, which runs on CPU only)."""
     router_logits = random_router_logits()
     expected = load_balancing_loss_func(router_logits, NUM_EXPERTS, TOP_K)
-    loss = aux_loss()(router_logits, 6, 8)  # 48 rows = 6 sequences x 8 tokens
+    loss = aux_loss()(router_logits)
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
     expected_grads = torch.autograd.grad(expected, router_logits)
     for grad, expected_grad in zip(torch.autograd.grad(loss, router_logits), expected_grads):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-9)
+
+
+def test_load_balancing_loss_pooled_over_row_holders_is_the_whole_batchs():
+    """Two holders of half the rows each (the DTensor engine's processes), their fractions
+    averaged by `pool`, get the whole batch's loss and gradients; the mean of the two halves'
+    own losses is a different number (what the DTensor engine computed before pooling)."""
+    router_logits = random_router_logits()
+    expected = load_balancing_loss_func(router_logits, NUM_EXPERTS, TOP_K)
+    halves = [tuple(logits[part * 24:(part + 1) * 24] for logits in router_logits) for part in (0, 1)]
+
+    def fractions(rows):  # what a holder of `rows` hands to pool
+        held = []
+        aux_loss()(rows, lambda local: held.append(local) or local)
+        return held[0]
+
+    loss = aux_loss()(halves[0], lambda local: (local + fractions(halves[1])) / 2)  # an all-reduce's mean
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
+    expected_grads = torch.autograd.grad(expected, router_logits)
+    for grad, expected_grad in zip(torch.autograd.grad(loss, router_logits), expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-9)
+    pooled = [aux_loss()(half) for half in halves]
+    assert abs(float(sum(pooled).detach() / 2) - float(expected.detach())) > 1e-4 * float(expected.detach())
 
 
 def test_recorded_router_logits_are_the_ones_transformers_reports():
@@ -265,7 +287,7 @@ def test_load_balancing_loss_on_xla():
     router_logits = random_router_logits()
     expected = load_balancing_loss_func(router_logits, NUM_EXPERTS, TOP_K)
     on_xla = tuple(logits.detach().to(DEVICE) for logits in router_logits)
-    loss = aux_loss()(on_xla, 6, 8)
+    loss = aux_loss()(on_xla)
     torch.testing.assert_close(loss.cpu(), expected.detach(), rtol=1e-5, atol=0)
 
 
@@ -289,7 +311,7 @@ def test_xla_training_steps_do_not_recompile_or_sync():
         outputs = model.model(input_ids=input_ids)
         logits = model.lm_head(outputs.last_hidden_state)
         loss = F.cross_entropy(logits.view(-1, VOCAB), input_ids.view(-1))
-        loss = loss + model.config.router_aux_loss_coef * routing.load_balancing_loss(2, 16)
+        loss = loss + model.config.router_aux_loss_coef * routing.load_balancing_loss()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -16,7 +16,13 @@ the pretrained weights (each process reading only its slice).
 model.compute_dtype is FSDP2's MixedPrecisionPolicy (Megatron's scheme: parameters, gradient
 reduction and optimizer in model.dtype, forward and backward in the compute dtype).
 The MoE layers run clm's capacity experts (clm.model.moe), plain PyTorch on the gathered
-weights inside FSDP's forward; dropless is the static path with C = S.
+weights inside FSDP's forward. Dropless is transformers' `grouped_mm` experts where torch has a
+grouped GEMM for the device and the experts are whole on each process (`grouped_mm_dropless`),
+else the static path with C = S. Expert parallelism (`apply_expert_parallel`, torchtitan's
+design): expert weights Shard(0) over the `expert` axis (and FSDP over fsdp on another dim), the
+[B, E, C, H] buffer of each process's own rows moved to the experts' processes and back by
+all-to-all (`ExpertParallel`), so capacity stays per sequence exactly as on XLA; the batch is
+split over fsdp x expert as on XLA, and the other weights are FSDP over that product.
 
 Execution is eager: a step is launched as it is written, `cut` has nothing to do, and no step
 waits for the host except a log step's values, which are copied to the host without blocking
@@ -25,8 +31,8 @@ computes the loss terms of its own rows (the processes of a tensor group share t
 `FullyShardedModel` reduces them over the data processes inside the step (all-reduces, no
 host sync), so every logged value is the global batch's, as XLA's one program computes it.
 
-Not built yet here (each refused in one line by `check`): expert parallelism (expert
-all-to-all), torch_xla's initial-weights checkpoints, asynchronous checkpoints.
+Not built yet here (each refused in one line by `check`): tensor and expert parallelism
+together, torch_xla's initial-weights checkpoints, asynchronous checkpoints.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from clm import checkpoint, gpu, runtime
@@ -92,7 +98,6 @@ class DTensorEngine:
     def check(self, model_plan) -> None:
         cfg, shape = model_plan.cfg, model_plan.mesh_shape
         not_built = [
-            ("expert_parallelism", shape.expert, shape.expert > 1, "expert_parallelism=1"),
             ("checkpoint_manager_path", cfg.checkpoint_manager_path, bool(cfg.checkpoint_manager_path),
              "model.name_or_path (hub-layout weights)"),
             ("async_checkpoint", "true", cfg.async_checkpoint, "async_checkpoint=false"),
@@ -100,6 +105,9 @@ class DTensorEngine:
         for knob, value, refused, instead in not_built:
             if refused:
                 raise UserError(f"{knob}={value}: not built yet on backend=dtensor; use backend=xla or {instead}")
+        if shape.tensor > 1 and shape.expert > 1:
+            raise UserError(f"tensor_parallelism={shape.tensor} with expert_parallelism={shape.expert}: not built "
+                            "together yet on backend=dtensor; use backend=xla or set one of them to 1")
         if shape.tensor > 1:
             tensor_parallel_plan(model_plan.meta_model, model_plan.shardings, shape.tensor)  # its UserError, if any
 
@@ -135,8 +143,13 @@ class DTensorEngine:
         cfg, shape = model_plan.cfg, model_plan.mesh_shape
         with runtime.quiet_native_stdout():
             self.mesh = init_device_mesh(self.device.type, tuple(shape.sizes.values()), mesh_dim_names=AXES)
-        # FSDP over the data axes: sharded over fsdp, replicated over dcn (HSDP) when there are slices.
-        data_mesh = self.mesh["dcn", "fsdp"] if shape.dcn > 1 else self.mesh["fsdp"]
+        # FSDP over the data axes: sharded over fsdp (x expert, which splits the batch too), replicated
+        # over dcn (HSDP) when there are slices.
+        sharded = "fsdp"
+        if shape.expert > 1:
+            sharded = "fsdp_expert"
+            self.mesh["fsdp", "expert"]._flatten(sharded)
+        data_mesh = self.mesh["dcn", sharded] if shape.dcn > 1 else self.mesh[sharded]
         # The processes that read distinct rows (every axis but tensor), as one dimension.
         self.row_mesh = self.mesh[tuple(axis for axis in AXES if axis != "tensor")]._flatten("rows")
 
@@ -155,6 +168,8 @@ class DTensorEngine:
         # One FSDP unit per decoder layer (its weights gathered for its forward and backward
         # only), and the root for the rest (embeddings, final norm, head).
         fsdp = {"mesh": data_mesh, "mp_policy": mixed_precision(cfg.model.dtype, cfg.model.compute_dtype)}
+        if shape.expert > 1:
+            apply_expert_parallel(module, self.mesh, fsdp["mp_policy"])
         for layer in layers:
             fully_shard(layer, **fsdp)
         fully_shard(module, **fsdp)
@@ -165,7 +180,14 @@ class DTensorEngine:
             load_pretrained(module, model_plan.checkpoint)
         else:
             init.initialize_parameters(module, cfg.seed, put)
-        routing = moe.Routing(module, model_plan.capacity_factor) if model_plan.is_moe else None
+        routing = None
+        if model_plan.is_moe:
+            dropless = grouped_mm_dropless(self.device, model_plan.capacity_factor, shape.expert)
+            pool = partial(_mean_over_processes, group=self.row_mesh.get_group())
+            routing = moe.Routing(module, model_plan.capacity_factor, dropless=dropless, pool=pool)
+            if shape.expert > 1:
+                for layer in routing.layers:
+                    layer.run_experts = ExpertParallel(self.mesh["expert"].get_group())
         return FullyShardedModel(module, self.mesh, shape, routing, model_plan.attention,
                                  model_plan.router_bias_update_rate, data_group=self.row_mesh.get_group())
 
@@ -367,10 +389,10 @@ class FullyShardedModel(ShardedModel):
       FSDP's averaging each parameter's gradient is that of the global token-weighted loss;
     - the expert loads (routing metrics, the correction-bias update) are gathered, so every
       process sees every sequence's and updates its correction biases alike;
-    - the load-balancing loss is the family's function of this process's rows, averaged over
-      the processes. XLA computes it once over the pooled global batch; the per-process
-      product of means differs from the global one by the rows' routing differences
-      (Megatron computes it per micro-batch too). The next slice can pool the fractions.
+    - the load-balancing loss is pooled: its per-expert fractions are averaged over the
+      processes (moe.Routing's `pool`) before their product, so it is the global batch's, as
+      XLA computes it (a mean of per-process losses would differ, by about 1e-4 relative on
+      the tiny Mixtral).
     """
 
     def __init__(self, *args, data_group, **kwargs):
@@ -388,32 +410,41 @@ class FullyShardedModel(ShardedModel):
         from torch.distributed.nn.functional import all_reduce
 
         terms = super().loss_terms(input_ids, labels, ignore_index)
-        processes = dist.get_world_size(self.data_group)
-        if processes == 1:
+        if dist.get_world_size(self.data_group) == 1:
             return terms
-        losses = all_reduce(torch.stack([terms.loss_sum, terms.aux_loss.to(terms.loss_sum.dtype)]),
-                            group=self.data_group)
-        terms.loss_sum, terms.aux_loss = losses[0], losses[1] / processes
+        # the aux loss is the global batch's already (its fractions pooled over the data processes)
+        terms.loss_sum = all_reduce(terms.loss_sum, group=self.data_group)
         counts = torch.stack([terms.num_scored, terms.num_inputs])
         dist.all_reduce(counts, group=self.data_group)
         terms.num_scored, terms.num_inputs = counts[0], counts[1]
         return terms
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        """As ShardedModel's, over gradients on several meshes (tensor-parallel weights on
-        fsdp x tensor, the others on the data axes): DTensors of different meshes cannot be
-        stacked, so one norm per mesh, combined."""
+        """The global gradient norm: per mesh (expert weights live on another mesh than the
+        others under expert parallelism, and torch's clip cannot combine DTensors of two
+        meshes), combined, then the clip (as torchtitan's clip with EP)."""
         by_mesh = {}
-        for p in self.module.parameters():
-            if p.grad is not None:
-                by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
+        for parameter in self.module.parameters():
+            if parameter.grad is not None:
+                mesh = parameter.grad.device_mesh if isinstance(parameter.grad, DTensor) else None
+                by_mesh.setdefault(mesh, []).append(parameter)
         norms = [torch.nn.utils.get_total_norm([p.grad for p in group]) for group in by_mesh.values()]
         norms = [norm.full_tensor() if isinstance(norm, DTensor) else norm for norm in norms]
-        norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
-        if max_norm > 0:  # clips only when max_grad_norm > 0 (as the reference)
+        norm = torch.linalg.vector_norm(torch.stack(norms)) if len(norms) > 1 else norms[0]
+        if max_norm > 0:
             for group in by_mesh.values():
                 torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm)
         return norm
+
+
+def _mean_over_processes(tensor: torch.Tensor, group) -> torch.Tensor:
+    """The mean of `tensor` over the data processes of `group` (each holds as many rows),
+    differentiable: the backward hands every process the gradient of its own part."""
+    from torch.distributed.nn.functional import all_reduce
+
+    if dist.get_world_size(group) == 1:
+        return tensor
+    return all_reduce(tensor, group=group) / dist.get_world_size(group)
 
 
 def _gather_rows(tensor: torch.Tensor, group) -> torch.Tensor:
@@ -423,6 +454,89 @@ def _gather_rows(tensor: torch.Tensor, group) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, tensor.contiguous(), group=group)
     return torch.cat(parts)
+
+
+# ------------------------------------------------------------------------------ MoE
+
+
+def grouped_mm_dropless(device: torch.device, capacity_factor: float, expert_parallelism: int):
+    """Dropless experts through transformers' `grouped_mm` experts (one grouped GEMM over the
+    tokens sorted by expert) where torch has a grouped GEMM for the device: CUDA sm90+
+    (Hopper's, and later; torch >= 2.9 also runs sm80) and CPU from torch 2.9 (a CPU kernel of
+    `torch._grouped_mm`). None elsewhere, under a capacity factor, and with expert parallelism,
+    where the all-to-all moves the static [B, E, C = S, H] buffer: the static path then."""
+    from torch.torch_version import TorchVersion
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    if capacity_factor > 0 or expert_parallelism > 1 or not hasattr(torch, "_grouped_mm"):
+        return None
+    if device.type == "cuda":
+        available = torch.cuda.get_device_capability(device) >= (9, 0)
+    else:
+        available = device.type == "cpu" and TorchVersion(torch.__version__) >= "2.9"
+    return ALL_EXPERTS_FUNCTIONS["grouped_mm"] if available else None
+
+
+def apply_expert_parallel(module: torch.nn.Module, mesh, mp_policy: MixedPrecisionPolicy) -> None:
+    """Expert parallelism on the meta model, before FSDP wraps the decoder layers (torchtitan's
+    order): each experts module's weights become DTensors sharded on the expert dimension
+    (Shard(0) over the `expert` axis: process e of an expert group holds experts e*E/ep ...),
+    then an FSDP unit of their own over the data axes without `expert`, sharded on dim 1 (dim 0
+    is split already). Their gradients come from the tokens of every data process (through the
+    all-to-all's backward), so FSDP divides them by all of those, as for the other weights."""
+    expert_mesh = mesh["expert"]
+    data_mesh = mesh["dcn", "fsdp"] if mesh["dcn"].size() > 1 else mesh["fsdp"]
+    processes = mesh["dcn"].size() * mesh["fsdp"].size() * expert_mesh.size()
+    for experts in [m for m in module.modules() if moe.is_experts(m)]:
+        if experts.has_post_expert_norm:
+            raise UserError(f"expert_parallelism={expert_mesh.size()}: {type(experts).__name__} normalises the "
+                            "experts' outputs (post_expert_norm), not built on backend=dtensor; use "
+                            "expert_parallelism=1 or backend=xla")
+        for name, parameter in list(experts.named_parameters(recurse=False)):
+            sharded = distribute_tensor(parameter.data, expert_mesh, [Shard(0)], src_data_rank=None)
+            experts.register_parameter(name, torch.nn.Parameter(sharded, requires_grad=parameter.requires_grad))
+        fully_shard(experts, mesh=data_mesh, mp_policy=mp_policy, shard_placement_fn=lambda _: Shard(1))
+        experts.set_gradient_divide_factor(processes)
+        if mesh.device_type == "cpu":
+            experts.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM: sum, then divide
+
+
+class ExpertParallel:
+    """An MoE block's experts under expert parallelism (moe.MoELayer.run_experts): the [B, E, C, H]
+    buffer of this process's rows (capacity and drops decided per sequence, as everywhere) goes
+    to the experts' processes by one all-to-all over the expert group, each process runs its
+    E/ep experts on every sender's slots, and a second all-to-all brings the outputs back.
+    Static shapes: every process sends its C slots per expert, filled or not (C = S when
+    dropless, so nothing is ever dropped whatever the routing)."""
+
+    def __init__(self, group):
+        self.group = group
+        self.size = dist.get_world_size(group)
+
+    def __call__(self, experts: torch.nn.Module, dispatched: torch.Tensor, constrain=None) -> torch.Tensor:
+        from torch.distributed.nn.functional import all_to_all_single
+
+        batch, num_experts, capacity, hidden = dispatched.shape
+        local = num_experts // self.size
+        # [B, E, C, H] -> [ep, B, E/ep, C, H]: block e goes to the process holding experts e*E/ep...
+        send = dispatched.view(batch, self.size, local, capacity, hidden).transpose(0, 1).contiguous()
+        received = all_to_all_single(torch.empty_like(send), send, group=self.group)  # [senders, B, E/ep, C, H]
+        output = moe.expert_mlp(_LocalExperts(experts), received.view(self.size * batch, local, capacity, hidden))
+        back = output.reshape(self.size, batch, local, capacity, hidden).contiguous()
+        returned = all_to_all_single(torch.empty_like(back), back, group=self.group)  # [expert groups, B, ...]
+        return returned.transpose(0, 1).reshape(batch, num_experts, capacity, hidden)
+
+
+class _LocalExperts:
+    """An experts module as its expert-parallel forward sees it: the weights this process holds
+    (the local [E/ep, ...] part of FSDP's gathered DTensors), everything else the module's own."""
+
+    def __init__(self, experts: torch.nn.Module):
+        self._experts = experts
+
+    def __getattr__(self, name: str):
+        value = getattr(self._experts, name)
+        return value.to_local() if isinstance(value, DTensor) else value
 
 
 class RNGState:

@@ -132,7 +132,7 @@ class ShardedModel:
         terms = LossTerms(loss_sum, num_scored=(labels != ignore_index).sum(), num_inputs=(input_ids != ignore_index).sum(),
                           aux_loss=torch.zeros((), device=logits.device), aux_loss_coef=0.0)
         if self.routing is not None and self.module.training:
-            aux = self.routing.load_balancing_loss(*input_ids.shape)
+            aux = self.routing.load_balancing_loss()
             if aux is not None:
                 terms.aux_loss, terms.aux_loss_coef = aux, self.routing.aux_loss.coefficient
             terms.router_metrics = self.routing.metrics()

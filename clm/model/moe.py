@@ -86,9 +86,12 @@ class MoELayer:
     constrain: Callable[[torch.Tensor], torch.Tensor] | None  # for the [B, E, C, *] buffers
     router_logits_index: int  # where the router's output holds the logits
     correction_bias: torch.Tensor | None  # the router's e_score_correction_bias, if it has one
-    # Dropless (cf <= 0) through a grouped matmul on the model's mesh (clm.model.grouped_matmul);
-    # None: the static path with C = S.
+    # Dropless (cf <= 0) through a grouped matmul on the model's mesh (clm.model.grouped_matmul on
+    # TPU, transformers' grouped_mm experts on the DTensor engine); None: the static path with C = S.
     dropless: Callable | None = None
+    # The experts' MLP on the [B, E, C, H] buffer, `expert_mlp`'s signature; None: expert_mlp
+    # itself. Expert parallelism on the DTensor engine puts its all-to-all around it here.
+    run_experts: Callable | None = None
     # Of the last forward:
     sequence_length: int | None = None
     router_logits: torch.Tensor | None = None  # [B*S, E]
@@ -160,7 +163,8 @@ def capacity_experts_forward(
 
     tokens = hidden_states.view(batch_size, sequence_length, hidden_dim)
     dispatched = gather_rows(tokens, token_of_slot).view(batch_size, num_experts, capacity, hidden_dim)
-    expert_output = expert_mlp(self, dispatched * slot_filled.unsqueeze(-1).to(dispatched.dtype), moe_layer.constrain)
+    run_experts = moe_layer.run_experts or expert_mlp
+    expert_output = run_experts(self, dispatched * slot_filled.unsqueeze(-1).to(dispatched.dtype), moe_layer.constrain)
 
     # Combine: every assignment reads its slot back; dropped ones are weighted by zero.
     gathered = gather_rows(expert_output.reshape(batch_size, num_slots, hidden_dim), slot)
@@ -224,7 +228,10 @@ def _router_recorder(experts: torch.nn.Module) -> tuple[type | None, int]:
     family's `_can_record_outputs["router_logits"]`, read from the experts' modeling module."""
     from transformers.utils.output_capturing import OutputRecorder
 
-    for value in vars(sys.modules[type(experts).__module__]).values():
+    # The modeling module of the experts' class, or of the class it derives from where an engine
+    # subclassed it (FSDP2's fully_shard of an expert-parallel experts module makes FSDP<Class>).
+    cls = next(cls for cls in type(experts).__mro__ if not cls.__module__.startswith("torch."))
+    for value in vars(sys.modules[cls.__module__]).values():
         spec = (getattr(value, "_can_record_outputs", None) or {}) if isinstance(value, type) else {}
         spec = spec.get("router_logits") if isinstance(spec, dict) else None
         if isinstance(spec, list):
@@ -250,8 +257,12 @@ class Routing:
     """
 
     def __init__(self, model: torch.nn.Module, capacity_factor: float,
-                 constrain: Callable[[torch.Tensor], torch.Tensor] | None = None, dropless: Callable | None = None):
+                 constrain: Callable[[torch.Tensor], torch.Tensor] | None = None, dropless: Callable | None = None,
+                 pool: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.layers: list[MoELayer] = []
+        # The load-balancing statistics' mean over the processes that hold the batch's rows (the
+        # DTensor engine's, differentiable); None where one program sees the whole batch (XLA).
+        self.pool = pool
         modules = dict(model.named_modules())
         for name, experts in modules.items():
             if not is_experts(experts):
@@ -286,9 +297,10 @@ class Routing:
         """[MoE layers, E]: tokens of the last forward routed to each expert (before drops)."""
         return torch.stack([layer.expert_load.sum(dim=0) for layer in self.layers])
 
-    def load_balancing_loss(self, batch_size: int, sequence_length: int) -> torch.Tensor | None:
-        """The family's own load-balancing loss of the last forward (None where it has none)."""
-        return self.aux_loss(self.router_logits(), batch_size, sequence_length) if self.aux_loss else None
+    def load_balancing_loss(self) -> torch.Tensor | None:
+        """The family's own load-balancing loss of the last forward, over the global batch (None
+        where it has none)."""
+        return self.aux_loss(self.router_logits(), self.pool) if self.aux_loss else None
 
     def metrics(self) -> dict[str, torch.Tensor]:
         """Routing statistics of the last forward, as device tensors (no host sync here).
@@ -332,15 +344,19 @@ class Routing:
 
 @dataclass(frozen=True)
 class AuxLoss:
-    """transformers' load-balancing loss of one family: its modeling module's
-    `load_balancing_loss_func` with the model's expert count, top-k and coefficient.
+    """transformers' load-balancing loss of one family (Switch Transformer's, eq. 4-6), with the
+    model's expert count, top-k and coefficient.
 
-    Called with an all-ones attention mask: that is the unmasked value (every row counts once)
-    through the function's scatter_add branch, which runs on XLA with static shapes, where the
-    unmasked branch's `torch.histc` on integers does not.
+    Every family of the experts interface that has one (Mixtral, Qwen2/3-MoE, OLMoE, gpt-oss, ...)
+    has the same `load_balancing_loss_func` in its modeling module: over all layers' rows pooled,
+    `E * sum_e (top-k assignments to e / rows) * (router probability of e summed / rows)`.
+    clm computes those two per-expert fractions itself (tests/test_families.py checks the value
+    against each family's function), so that processes that each hold some rows of the batch can
+    average them (`pool`) and get the global batch's loss, as XLA's one program computes it: a
+    product of means is not the mean of per-process products. The counting is the function's
+    scatter_add branch (its histc one does not run on XLA).
     """
 
-    function: Callable
     num_experts: int
     top_k: int
     coefficient: float
@@ -354,12 +370,30 @@ class AuxLoss:
                          if "load_balancing_loss_func" in vars(sys.modules[cls.__module__])), None)
         if function is None or not hasattr(model, "router_aux_loss_coef"):
             return None  # the family has none (DeepSeek-V3 balances with its correction bias)
-        return AuxLoss(function, int(model.num_experts), int(model.num_experts_per_tok),
-                       float(model.router_aux_loss_coef))
+        aux_loss = AuxLoss(int(model.num_experts), int(model.num_experts_per_tok), float(model.router_aux_loss_coef))
+        # A family whose function is another formula is refused, never silently given Switch's.
+        logits = tuple(torch.randn(16, aux_loss.num_experts, generator=torch.Generator().manual_seed(layer))
+                       for layer in range(2))
+        if not torch.allclose(aux_loss(logits), function(logits, aux_loss.num_experts, aux_loss.top_k), rtol=1e-5):
+            raise ValueError(f"{type(model).__name__}'s load_balancing_loss_func is not Switch Transformer's "
+                             "formula, the one clm computes (clm.model.moe.AuxLoss)")
+        return aux_loss
 
-    def __call__(self, router_logits: tuple[torch.Tensor, ...], batch_size: int, sequence_length: int) -> torch.Tensor:
-        mask = torch.ones(batch_size, sequence_length, device=router_logits[0].device)
-        return self.function(router_logits, self.num_experts, self.top_k, mask)
+    def __call__(self, router_logits: tuple[torch.Tensor, ...],
+                 pool: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        device = router_logits[0].device
+        assigned = torch.zeros(self.num_experts, dtype=torch.float32, device=device)
+        probability = torch.zeros(self.num_experts, dtype=torch.float32, device=device)
+        for logits in router_logits:  # layer by layer, as transformers': memory O(rows * E)
+            probabilities = F.softmax(logits, dim=-1)
+            chosen = torch.topk(probabilities, self.top_k, dim=-1).indices.reshape(-1)
+            assigned = assigned.scatter_add(0, chosen, torch.ones(chosen.shape, dtype=torch.float32, device=device))
+            probability = probability + probabilities.float().sum(dim=0)
+        rows = sum(logits.shape[0] for logits in router_logits)
+        fractions = torch.stack([assigned, probability]) / rows
+        if pool is not None:
+            fractions = pool(fractions)  # every process holds as many rows: the mean of the means
+        return self.num_experts * (fractions[0] * fractions[1]).sum()
 
 
 ExpertsInterface.register(EXPERTS_IMPLEMENTATION, capacity_experts_forward)
