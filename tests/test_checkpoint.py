@@ -274,6 +274,30 @@ def test_partially_replicated_tensors_are_saved_once_and_restore_bitwise(tmp_pat
     assert [key for key in saved if not torch.equal(restored[key], saved[key])] == []
 
 
+@pytest.mark.slow
+def test_a_checkpoint_with_the_optimizer_keyed_by_position_still_restores(tmp_path):
+    """clm before 2026-12-08 saved the XLA optimizer's state_dict() as it is (state keyed by
+    position, param groups one list); such a checkpoint restores bitwise."""
+    import torch_xla
+
+    cfg = config(tmp_path)
+    model, optimizer = built(cfg)
+    with torch.no_grad():
+        for parameter, state in optimizer.state.items():
+            state["exp_avg"].copy_(parameter * 0.5 + 1)
+    torch_xla.sync()
+    saved = host_values(model, optimizer)
+    runtime.init_process_group()
+    checkpoint.write_step(cfg.checkpoint_dir, 1, {"model": checkpoint.model_state(model), "optimizer": optimizer.state_dict(),
+                                                  "host_0": pickle.dumps({})}, planner=checkpoint.save_planner())
+    assert "optimizer.state.0.exp_avg" in checkpoint.tensor_shapes(str(Path(cfg.checkpoint_dir) / "1"))
+
+    fresh_model, fresh_optimizer = built(config(tmp_path, "seed=1"))
+    checkpoint.XlaCheckpointer(cfg, fresh_model, fresh_optimizer, host_state={}).restore(str(Path(cfg.checkpoint_dir) / "1"))
+    restored = host_values(fresh_model, fresh_optimizer)
+    assert [key for key in saved if not torch.equal(restored[key], saved[key])] == []
+
+
 def test_one_writer_per_shard_across_processes():
     """Two hosts each holding two replicas of both shards of a [8, 16] tensor (columns split in
     two): each shard is written once, by the host with less to write; the rest passes through."""
