@@ -6,8 +6,8 @@
 hf-to-checkpoint loads HF_DIR sharded over this host's devices (as a training start does,
 never the whole model on one host) and saves step 0 of a checkpoint directory OUT (local or
 gs://; the layout of torch_xla's CheckpointManager and of clm's checkpoints), {"model":
-state_dict}, which `checkpoint_manager_path=OUT` loads; the step also gets the config.json. checkpoint-to-hf reads the "model" entry of a (either engine's)
-step directory (or the newest complete step under a directory of steps), one output file's
+state_dict}, which `checkpoint_manager_path=OUT` loads; the step also gets the config.json. checkpoint-to-hf reads the "model" entry of a
+step directory of either engine (or the newest complete step under a directory of steps), one output file's
 tensor (or the few one hub tensor is made of) at a time through torch.distributed.checkpoint, and writes safetensors files in the
 hub's names with an index and config.json, which transformers' `from_pretrained` loads. Both
 directions convert between the hub's layout and transformers' in-memory one with transformers'
