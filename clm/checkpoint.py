@@ -1,17 +1,19 @@
-"""Checkpoints through torch_xla's CheckpointManager (torch.distributed.checkpoint with the
-SPMD planners): every host writes and reads only its own shards, local or gs://.
+"""Checkpoints, one format for both engines: torch.distributed.checkpoint, every process
+writing and reading only its own shards (XLA: torch_xla's SPMD planners; DTensor: the default
+ones), local or gs://.
 
 Layout: `checkpoint_dir/<step>/`, one directory per optimizer step. A checkpoint is
-complete once the manager has written its `.manager_metadata` file, which it does last,
+complete once process 0 has written its `.manager_metadata` file, which it does last,
 after torch.distributed.checkpoint has written every shard and its `.metadata`; only
 complete checkpoints are resumed from or counted for retention. A directory without it
 (a save that was killed) is skipped with a warning and left alone.
 
-What one holds (`save`): "model" and "optimizer" as sharded tensors, "config" (the
-resolved config as YAML) and, per process, "host_<i>": a pickle of every host-side state
-(the loop's step, the scheduler, the data stream's position, RNGs, the metrics writers).
-That is enough to continue bitwise. Tensors are resharded on load, so a checkpoint saved
-on one mesh resumes on another.
+What one holds (`Checkpointer.save`): "model" (keyed as model.state_dict()) and "optimizer"
+(keyed by parameter name, as torch.distributed.checkpoint.state_dict does) as sharded tensors,
+"config" (the resolved config as YAML) and, per process, "host_<i>": a pickle of every
+host-side state (the loop's step, the scheduler, the data stream's position, RNGs, the metrics
+writers). That is enough to continue bitwise. Tensors are resharded on load, so a checkpoint
+saved on one mesh, or by the other engine, resumes on another.
 
     python -m clm.checkpoint ls CHECKPOINT_DIR    # step, time, size, completeness, config
 """
@@ -26,6 +28,7 @@ import pickle
 import random
 import sys
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Callable
 
@@ -46,7 +49,7 @@ for _message in ("The function definition for SavePlanner.set_up_planner", "Type
                  "Using a non-tuple sequence for multidimensional indexing"):
     warnings.filterwarnings("ignore", message=_message, category=UserWarning)
 
-COMMIT_MARKER = ".manager_metadata"  # CheckpointManager writes it after everything else
+COMMIT_MARKER = ".manager_metadata"  # written last (CheckpointManager's name, so its checkpoints count as complete)
 DCP_METADATA = ".metadata"
 
 # Knobs that may differ between a checkpoint's run and the run that resumes it: they change
@@ -54,7 +57,7 @@ DCP_METADATA = ".metadata"
 MAY_CHANGE_ON_RESUME = (
     "max_steps", "eval_frequency", "eval_samples_interval", "log_frequency", "do_first_eval", "target_eval_loss",
     "checkpoint_every", "checkpoint_dir", "checkpoints_to_keep", "async_checkpoint", "resume",
-    "allow_config_change", "kill_switch_path", "xla_profile_step",
+    "allow_config_change", "kill_switch_path", "backend", "xla_profile_step",
     "xla_compile_analysis", "output_dir", "run_dir", "exp_name",
     "local_compile_cache_dir", "cache_local_dir", "tensor_parallelism", "expert_parallelism", "compile",
     "compile_backend",
@@ -158,11 +161,15 @@ def incomplete_tensors(step_directory: str) -> list[str]:
                   if sum(math.prod(chunk.sizes) for chunk in item.chunks) != math.prod(item.size))
 
 
+def _metadata(step_directory: str):
+    return storage_reader(step_directory).read_metadata()
+
+
 def _tensor_metadata(step_directory: str) -> dict:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    metadata = storage_reader(step_directory).read_metadata()
-    return {key: item for key, item in metadata.state_dict_metadata.items() if isinstance(item, TensorStorageMetadata)}
+    return {key: item for key, item in _metadata(step_directory).state_dict_metadata.items()
+            if isinstance(item, TensorStorageMetadata)}
 
 
 def check_config_matches(cfg: DictConfig, step_directory: str) -> None:
@@ -263,7 +270,8 @@ def one_writer_per_shard(all_plans: list) -> list:
             for plan, keep in zip(all_plans, kept)]
 
 
-def _save_planner_class():
+def save_planner():
+    """torch_xla's SPMD save planner, writing each distinct shard once (one_writer_per_shard)."""
     from torch_xla.experimental.distributed_checkpoint import SPMDSavePlanner
 
     class SavePlanner(SPMDSavePlanner):
@@ -274,50 +282,38 @@ def _save_planner_class():
             # torch_xla's own dedup then finds nothing left to remove.
             return super().create_global_plan(one_writer_per_shard(all_plans))
 
-    return SavePlanner
+    return SavePlanner()
 
 
-def _manager_class():
-    import fsspec
+def write_step(checkpoint_dir: str, step: int, state: dict, planner=None, process_group=None) -> None:
+    """Write `state` as `checkpoint_dir/<step>` and commit it, on every process of the group:
+    process 0 first removes what an unfinished save of this step left, every process writes its
+    own shards (torch.distributed.checkpoint; process 0 writes `.metadata` once all have), then
+    process 0 writes the commit marker. The same on both engines; `planner` is the engine's."""
     import torch.distributed as dist
-    import torch.distributed.checkpoint as dist_cp
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
-    from torch_xla.experimental.distributed_checkpoint import CheckpointManager
-    from torch_xla.experimental.distributed_checkpoint.manager import _CheckpointMetadata
 
-    planner_class = _save_planner_class()
-
-    class Manager(CheckpointManager):
-        """torch_xla's CheckpointManager saving through clm's SavePlanner, for save and
-        save_async alike (both end in `_save`, which hard-codes torch_xla's planner)."""
-
-        def _save(self, step, state_dict):
-            # torch_xla 2.9's CheckpointManager._save, line for line but for the planner.
-            with self._save_mutex:
-                path = self._get_path(step)
-                self._delete_chkpt_at_step(step)
-                dist_cp.save(state_dict=state_dict,
-                             storage_writer=FsspecWriter(path, thread_count=self.num_of_threads, per_thread_copy_ahead=0),
-                             planner=planner_class(), process_group=self.pg)
-                metadata = _CheckpointMetadata(step=step, ts=datetime.now())
-                self._tracked_chkpts.append(metadata)
-                if dist.get_rank(self.pg) == 0:
-                    with fsspec.open(os.path.join(path, COMMIT_MARKER), "wb") as f:
-                        pickle.dump(metadata, f)
-                    self._release_oldest_checkpoints()
-
-    return Manager
+    path = storage.join(checkpoint_dir, str(step))
+    fs, root = filesystem(path)
+    is_main = dist.get_rank(process_group) == 0
+    if is_main and fs.exists(root):
+        fs.rm(root, recursive=True)
+    dist.barrier(process_group)  # the writers create the directory: not before it is gone
+    dcp.save(state, storage_writer=FsspecWriter(path, per_thread_copy_ahead=0), planner=planner,
+             process_group=process_group)
+    if is_main:
+        with fs.open(f"{root}/{COMMIT_MARKER}", "wb") as f:
+            pickle.dump({"step": step, "ts": datetime.now(timezone.utc)}, f)
 
 
-def checkpoint_manager(path: str, keep: int = 0):
-    """torch_xla's CheckpointManager for `path`, saving through clm's SavePlanner (each shard of
-    a partially replicated tensor written once, not dropped); saves happen only when asked
-    (force=True)."""
-    runtime.init_process_group()
-    filesystem(path)  # gcsfs set up by clm.storage before the manager reaches gs:// through fsspec
-    # Preemption detection is the trainer's (clm.preemption), on every device type.
-    with runtime.quiet_native_stdout():  # the manager makes a gloo subgroup, which prints
-        return _manager_class()(path, save_interval=sys.maxsize, max_to_keep=keep, chkpt_on_preemption=False)
+def release_oldest(checkpoint_dir: str, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints (0: all); incomplete ones are left alone."""
+    complete = [step for step, done in step_directories(checkpoint_dir).items() if done]
+    if keep > 0:
+        for step in complete[:-keep]:
+            fs, root = filesystem(storage.join(checkpoint_dir, str(step)))
+            fs.rm(root, recursive=True)
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -332,8 +328,223 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def _parameter_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The model's name of each parameter, in the optimizer's order (its state's indices)."""
+    names = {parameter: name for name, parameter in model.named_parameters()}
+    return [names[parameter] for group in optimizer.param_groups for parameter in group["params"]]
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """`optimizer.state_dict()` keyed by parameter name instead of position (as
+    torch.distributed.checkpoint.state_dict keys it), its param_groups pickled: one object under
+    "optimizer.param_groups" whichever planner writes it (torch_xla's keeps a list of dicts
+    whole, torch's default one would split it into a key per option)."""
+    names = _parameter_names(model, optimizer)
+    state = optimizer.state_dict()
+    groups = [{**group, "params": [names[index] for index in group["params"]]} for group in state["param_groups"]]
+    return {"state": {names[index]: value for index, value in state["state"].items()},
+            "param_groups": pickle.dumps(groups)}
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, named: dict) -> None:
+    """The inverse of optimizer_state. A group option the checkpoint lacks (an optimizer flag of
+    another torch release) keeps this optimizer's value."""
+    index = {name: i for i, name in enumerate(_parameter_names(model, optimizer))}
+    groups = named["param_groups"]
+    groups = pickle.loads(groups) if isinstance(groups, bytes) else groups  # a list: split by option (below)
+    current = optimizer.state_dict()["param_groups"]
+    optimizer.load_state_dict({
+        "state": {index[name]: value for name, value in named["state"].items()},
+        "param_groups": [{**now, **group, "params": [index[name] for name in group["params"]]}
+                         for now, group in zip(current, groups)],
+    })
+
+
+class Checkpointer:
+    """Saves and restores a run: `maybe_save(step)` at every step's end, `save(step)` on demand.
+
+    What is shared by both engines lives here: the layout (`checkpoint_dir/<step>/`, complete
+    once process 0 has written the commit marker after every process's shards), the names
+    ("model.<parameter>", "optimizer.state.<parameter>.<key>", "optimizer.param_groups",
+    "config", "host_<process>"), the host state, retention and the restore's checks. An engine's
+    subclass holds the tensors as that engine has them and does the I/O (XlaCheckpointer,
+    DTensorCheckpointer); what one engine writes, the other restores, resharded to its own mesh.
+
+    `host_state` maps names to objects with state_dict()/load_state_dict() whose state is
+    plain Python or NumPy, pickled per process. `before_save` runs first in every save: the
+    trainer's waits for the run log's queued rows, whose writers' state the checkpoint holds.
+    """
+
+    def __init__(self, cfg: DictConfig, model, optimizer, host_state: dict, process_index: int = 0,
+                 before_save: Callable[[], None] = lambda: None):
+        self.cfg = cfg
+        self.every = cfg.checkpoint_every
+        self.model = model
+        self.optimizer = optimizer
+        self.host_state = host_state
+        self.host_key = f"host_{process_index}"
+        self.before_save = before_save
+        self.last_saved_step: int | None = None
+
+    # ---- an engine's part
+    def model_state(self) -> dict:
+        """The model's tensors, keyed as model.state_dict(), as torch.distributed.checkpoint reads
+        and writes them in place on this engine."""
+        raise NotImplementedError
+
+    def write(self, step: int, state: dict, blocking: bool) -> None:
+        """Write and commit `state` as step `step` (self.commit), in the background unless blocking."""
+        raise NotImplementedError
+
+    def read(self, step_directory: str, state: dict) -> None:
+        """Load a step directory into `state` and the model."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Wait for a background save to finish (and raise its error)."""
+
+    # ---- shared
+    def maybe_save(self, step: int) -> None:
+        if self.every > 0 and step % self.every == 0:
+            self.save(step)
+
+    def save(self, step: int, blocking: bool = False) -> None:
+        """Checkpoint `step` (in the background when async_checkpoint and the engine can, unless blocking)."""
+        if step == self.last_saved_step:
+            return
+        self.before_save()  # the logs' state must include every row up to this step
+        state = {
+            "model": self.model_state(),
+            "optimizer": optimizer_state(self.model, self.optimizer),
+            "config": OmegaConf.to_yaml(self.cfg, resolve=True),
+            self.host_key: pickle.dumps({name: obj.state_dict() for name, obj in self.host_state.items()}),
+        }
+        self.write(step, state, blocking=blocking or not self.cfg.async_checkpoint)
+        self.last_saved_step = step
+
+    def commit(self, step: int, state: dict, planner=None, process_group=None) -> None:
+        write_step(self.cfg.checkpoint_dir, step, state, planner, process_group)
+        if self.host_key == "host_0":
+            release_oldest(self.cfg.checkpoint_dir, self.cfg.checkpoints_to_keep)
+
+    def restore(self, step_directory: str) -> int:
+        """Load a checkpoint of either engine into the (primed) optimizer, the model and every host state.
+
+        A process reads its own host state, or process 0's where the checkpoint was saved by
+        fewer processes (the XLA engine runs one per host, the DTensor engine one per device):
+        the loop, schedule and RNGs are the same on every process, and a data position that is
+        per process (the text pipeline's) refuses another process count itself."""
+        check_model_matches(self.model, step_directory)
+        _, step = _split_step(step_directory)
+        saved = _metadata(step_directory).state_dict_metadata
+        host_key = self.host_key if self.host_key in saved else "host_0"
+        if host_key not in saved:
+            raise UserError(f"{step_directory}: no run state in it (host_0), only weights; start from it with "
+                            "checkpoint_manager_path= instead of resume=")
+        # Written by a clm before 2026-12-08: on XLA the optimizer state keyed by position; on
+        # DTensor the param groups split into a key per option (torch's default planner).
+        indexed = any(key.startswith("optimizer.state.0.") for key in saved)
+        state = {"model": self.model_state(),
+                 "optimizer": self.optimizer.state_dict() if indexed else optimizer_state(self.model, self.optimizer),
+                 host_key: b""}
+        if "optimizer.param_groups" not in saved:
+            groups = pickle.loads(state["optimizer"]["param_groups"])
+            state["optimizer"]["param_groups"] = [
+                {option: value for option, value in group.items() if f"optimizer.param_groups.{i}.{option}" in saved}
+                for i, group in enumerate(groups)]
+        with torch.no_grad():
+            self.read(step_directory, state)
+        if indexed:
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        host = pickle.loads(state[host_key])
+        for name, obj in self.host_state.items():
+            obj.load_state_dict(host[name])
+        self.last_saved_step = step
+        return step
+
+
+class XlaCheckpointer(Checkpointer):
+    """The XLA engine's I/O: torch.distributed.checkpoint with torch_xla's SPMD planners (clm's
+    save planner, one writer per shard), each host writing and reading only its own shards.
+    A save first copies this host's shards to the host in one transfer (torch_xla's helper, as
+    its CheckpointManager's asynchronous save does; a synchronous save of device tensors would
+    compile a program per tensor), then writes them, on a thread of its own when asynchronous,
+    through a process group of its own (the trainer's stop agreement uses the default one)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._writer: ThreadPoolExecutor | None = None
+        self._group = None
+        self._pending: Future | None = None
+
+    def model_state(self) -> dict:
+        return model_state(self.model)
+
+    def write(self, step: int, state: dict, blocking: bool) -> None:
+        import torch.distributed as dist
+        import torch_xla
+        import torch_xla.core.xla_model as xm
+        from torch_xla.experimental.distributed_checkpoint._helpers import _sharded_cpu_state_dict
+
+        self.close()  # one save at a time
+        if self._writer is None:
+            runtime.init_process_group()
+            with runtime.quiet_native_stdout():  # gloo prints a line per group
+                self._group = dist.new_group()
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clm-checkpoint")
+        torch_xla.sync()
+        xm.wait_device_ops()
+        host = _sharded_cpu_state_dict(state)
+        self._pending = self._writer.submit(self.commit, step, host, save_planner(), self._group)
+        if blocking:
+            self.close()
+
+    def read(self, step_directory: str, state: dict) -> None:
+        read_sharded(step_directory, state)
+
+    def close(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+
+class DTensorCheckpointer(Checkpointer):
+    """The DTensor engine's I/O: torch.distributed.checkpoint with its default planners on the
+    model's DTensors (torch.distributed.checkpoint.state_dict's model state dict), every
+    process writing its own shards. Saves block (async_checkpoint is refused on this engine)."""
+
+    def model_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(self.model)
+
+    def write(self, step: int, state: dict, blocking: bool) -> None:
+        self.commit(step, state)
+
+    def read(self, step_directory: str, state: dict) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        dcp.load(state, storage_reader=storage_reader(step_directory))
+        set_model_state_dict(self.model, state["model"])
+
+
+def read_sharded(step_directory: str, state: dict) -> None:
+    """Load a step directory into XLA tensors in place, each host reading only its shards
+    (torch_xla's SPMD load planner), whichever engine wrote it."""
+    import torch.distributed.checkpoint as dcp
+    from torch_xla.experimental.distributed_checkpoint import SPMDLoadPlanner
+
+    runtime.init_process_group()
+    with torch.no_grad(), _loaded_in_place(state):
+        dcp.load(state, storage_reader=storage_reader(step_directory), planner=SPMDLoadPlanner())
+
+
 class RNGState:
-    """Every random generator a step could use: Python, NumPy, torch (CPU) and XLA."""
+    """Every random generator a step could use on XLA: Python, NumPy, torch (CPU) and XLA's.
+    A checkpoint of the DTensor engine has no XLA generator: it stays as this run seeded it."""
 
     def state_dict(self) -> dict:
         import torch_xla.core.xla_model as xm
@@ -347,181 +558,8 @@ class RNGState:
         random.setstate(state["python"])
         np.random.set_state(state["numpy"])
         torch.set_rng_state(state["torch"])
-        xm.set_rng_state(state["xla"])
-
-
-class Checkpointer:
-    """Saves and restores a run: `maybe_save(step)` at every step's end, `save(step)` on demand.
-
-    `host_state` maps names to objects with state_dict()/load_state_dict() whose state is
-    plain Python or NumPy; model and optimizer go through torch.distributed.checkpoint.
-    `before_save` runs first in every save: the trainer's waits for the run log's queued rows,
-    whose writers' state the checkpoint holds.
-    """
-
-    def __init__(self, cfg: DictConfig, model, optimizer, host_state: dict, process_index: int = 0,
-                 before_save: Callable[[], None] = lambda: None):
-        self.cfg = cfg
-        self.before_save = before_save
-        self.every = cfg.checkpoint_every
-        self.model = model
-        self.optimizer = optimizer
-        self.host_state = host_state
-        self.host_key = f"host_{process_index}"
-        self.last_saved_step: int | None = None
-        self._manager = None
-
-    @property
-    def manager(self):
-        if self._manager is None:
-            self._manager = checkpoint_manager(self.cfg.checkpoint_dir, keep=self.cfg.checkpoints_to_keep)
-        return self._manager
-
-    def maybe_save(self, step: int) -> None:
-        if self.every > 0 and step % self.every == 0:
-            self.save(step)
-
-    def save(self, step: int, blocking: bool = False) -> None:
-        """Checkpoint `step` (in the background when async_checkpoint, unless blocking)."""
-        if step == self.last_saved_step:
-            return
-        self.before_save()  # the logs' state must include every row up to this step
-        state = {
-            "model": model_state(self.model),
-            "optimizer": self.optimizer.state_dict(),
-            "config": OmegaConf.to_yaml(self.cfg, resolve=True),
-            self.host_key: pickle.dumps({name: obj.state_dict() for name, obj in self.host_state.items()}),
-        }
-        # Both go through the manager's host copy of the shards: one transfer for all the
-        # replicated tensors, where its synchronous save would compile a graph per tensor.
-        self.manager.save_async(step, state, force=True)
-        if blocking or not self.cfg.async_checkpoint:
-            self.manager.join()
-        self.last_saved_step = step
-
-    def restore(self, step_directory: str) -> int:
-        """Load a checkpoint into the (primed) optimizer, the model and every host state."""
-        check_model_matches(self.model, step_directory)
-        parent, step = _split_step(step_directory)
-        state = {"model": model_state(self.model), "optimizer": self.optimizer.state_dict(), self.host_key: b""}
-        try:
-            with torch.no_grad(), _loaded_in_place(state):
-                checkpoint_manager(parent).restore(step, state)
-        except (KeyError, RuntimeError) as e:  # torch.distributed.checkpoint wraps a missing key
-            if self.host_key in str(e):
-                raise UserError(
-                    f"{step_directory}: it holds no state for process {self.host_key[5:]}; resume with the "
-                    "number of hosts it was saved with"
-                ) from None
-            raise
-        self.optimizer.load_state_dict(state["optimizer"])  # the model's tensors were loaded in place
-        host = pickle.loads(state[self.host_key])
-        for name, obj in self.host_state.items():
-            obj.load_state_dict(host[name])
-        self.last_saved_step = step
-        return step
-
-    def close(self) -> None:
-        """Wait for a background save to finish."""
-        if self._manager is not None:
-            self._manager.join()
-
-
-class DistributedCheckpointer:
-    """The DTensor engine's checkpoints: torch.distributed.checkpoint itself, in the layout and
-    under the names of the XLA engine's (so listing, resume and retention are shared):
-    `checkpoint_dir/<step>/` with "model.*" and "optimizer.*" (every process writing its own
-    shards; optimizer state keyed by parameter name, torch.distributed.checkpoint.state_dict's
-    form), "config" and each process's "host_<i>", complete once process 0 has written
-    `.manager_metadata` after every process's shards. Saves block (async_checkpoint is refused
-    on this engine). Tensors are resharded on load, as on XLA; a checkpoint of the other engine
-    is refused by the config check (`backend` differs)."""
-
-    def __init__(self, cfg: DictConfig, model, optimizer, host_state: dict, process_index: int = 0,
-                 before_save: Callable[[], None] = lambda: None):
-        self.cfg = cfg
-        self.every = cfg.checkpoint_every
-        self.model = model
-        self.optimizer = optimizer
-        self.host_state = host_state
-        self.host_key = f"host_{process_index}"
-        self.is_main = process_index == 0
-        self.before_save = before_save
-        self.last_saved_step: int | None = None
-
-    def maybe_save(self, step: int) -> None:
-        if self.every > 0 and step % self.every == 0:
-            self.save(step)
-
-    def save(self, step: int, blocking: bool = False) -> None:
-        import torch.distributed as dist
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-        if step == self.last_saved_step:
-            return
-        self.before_save()  # the logs' state must include every row up to this step
-        state = {
-            "model": get_model_state_dict(self.model),
-            "optimizer": get_optimizer_state_dict(self.model, self.optimizer),
-            "config": OmegaConf.to_yaml(self.cfg, resolve=True),
-            self.host_key: pickle.dumps({name: obj.state_dict() for name, obj in self.host_state.items()}),
-        }
-        path = storage.join(self.cfg.checkpoint_dir, str(step))
-        fs, root = filesystem(path)
-        if self.is_main and fs.exists(root):  # a save of this step that did not finish
-            fs.rm(root, recursive=True)
-        dist.barrier()
-        dcp.save(state, storage_writer=FsspecWriter(path, per_thread_copy_ahead=0))  # every process's shards
-        if self.is_main:
-            with fs.open(f"{root}/{COMMIT_MARKER}", "wb") as f:
-                pickle.dump({"step": step, "ts": datetime.now(timezone.utc)}, f)
-            self._release_oldest()
-        self.last_saved_step = step
-
-    def _release_oldest(self) -> None:
-        """Keep the newest checkpoints_to_keep complete checkpoints (0: all)."""
-        keep = self.cfg.checkpoints_to_keep
-        complete = [step for step, done in step_directories(self.cfg.checkpoint_dir).items() if done]
-        if keep > 0:
-            for step in complete[:-keep]:
-                fs, root = filesystem(storage.join(self.cfg.checkpoint_dir, str(step)))
-                fs.rm(root, recursive=True)
-
-    def restore(self, step_directory: str) -> int:
-        """Load a checkpoint into the (primed) optimizer, the model and every host state."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import (
-            get_model_state_dict,
-            get_optimizer_state_dict,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-
-        check_model_matches(self.model, step_directory)
-        _, step = _split_step(step_directory)
-        state = {"model": get_model_state_dict(self.model),
-                 "optimizer": get_optimizer_state_dict(self.model, self.optimizer), self.host_key: b""}
-        try:
-            dcp.load(state, storage_reader=storage_reader(step_directory))
-        except (KeyError, RuntimeError) as e:  # torch.distributed.checkpoint wraps a missing key
-            if self.host_key in str(e):
-                raise UserError(
-                    f"{step_directory}: it holds no state for process {self.host_key[5:]}; resume with the "
-                    "number of processes it was saved with"
-                ) from None
-            raise
-        set_model_state_dict(self.model, state["model"])
-        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
-        host = pickle.loads(state[self.host_key])
-        for name, obj in self.host_state.items():
-            obj.load_state_dict(host[name])
-        self.last_saved_step = step
-        return step
-
-    def close(self) -> None:
-        """Saves block: nothing is left to wait for."""
+        if "xla" in state:
+            xm.set_rng_state(state["xla"])
 
 
 # --------------------------------------------------------------- initial weights
@@ -540,17 +578,14 @@ def restore_model_weights(model: torch.nn.Module, path: str) -> int:
     converted once with CheckpointManager.save(0, {"model": state_dict})). Returns the step.
     A training checkpoint of this harness works too: only its "model" is read.
     """
-    manager = checkpoint_manager(path)
-    steps = manager.all_steps()
-    if not steps:
+    newest = newest_complete(path, "checkpoint_manager_path")
+    if newest is None:
         raise UserError(
-            f"checkpoint_manager_path={path}: no CheckpointManager checkpoint in it "
-            "(expected numbered step directories with a .metadata file)"
+            f"checkpoint_manager_path={path}: no complete checkpoint in it (expected numbered step "
+            f"directories with {DCP_METADATA} and {COMMIT_MARKER}, as CheckpointManager and clm write them)"
         )
-    state = {"model": model_state(model)}
-    with torch.no_grad(), _loaded_in_place(state):
-        manager.restore(steps[-1], state)  # in place, shard by shard
-    return steps[-1]
+    read_sharded(newest, {"model": model_state(model)})  # in place, shard by shard
+    return _split_step(newest)[1]
 
 
 @contextlib.contextmanager

@@ -4,10 +4,10 @@
     python -m clm.convert checkpoint-to-hf CHECKPOINT OUT_DIR [--max-shard-size 5GB] [--config FILE]
 
 hf-to-checkpoint loads HF_DIR sharded over this host's devices (as a training start does,
-never the whole model on one host) and saves step 0 of a torch_xla CheckpointManager
-directory OUT (local or gs://), {"model": state_dict}, which `checkpoint_manager_path=OUT`
-loads; the step also gets the config.json. checkpoint-to-hf reads the "model" entry of a
-step directory (or the newest complete step under a directory of steps), one output file's
+never the whole model on one host) and saves step 0 of a checkpoint directory OUT (local or
+gs://; the layout of torch_xla's CheckpointManager and of clm's checkpoints), {"model":
+state_dict}, which `checkpoint_manager_path=OUT` loads; the step also gets the config.json. checkpoint-to-hf reads the "model" entry of a
+step directory of either engine (or the newest complete step under a directory of steps), one output file's
 tensor (or the few one hub tensor is made of) at a time through torch.distributed.checkpoint, and writes safetensors files in the
 hub's names with an index and config.json, which transformers' `from_pretrained` loads. Both
 directions convert between the hub's layout and transformers' in-memory one with transformers'
@@ -123,14 +123,16 @@ def hf_to_checkpoint(hf_dir: str, out: str, dtype: str | None = None) -> str:
                        "backend=xla"], num_devices=runtime.device_count())
     runtime.setup(None, False)
     model_plan = ModelPlan.from_config(cfg, parallel.mesh_shape(runtime.device_count(), 1, 1, 1), checkpoint=source)
-    manager = checkpoint.checkpoint_manager(out)
-    if manager.all_steps():
-        raise UserError(f"OUT={out}: already holds checkpoint steps {manager.all_steps()}; give a new directory")
+    steps = list(checkpoint.step_directories(out))
+    if steps:
+        raise UserError(f"OUT={out}: already holds checkpoint steps {steps}; give a new directory")
     model = build_sharded_model(model_plan)
-    # The trainer's sharded save of the model (its tensors as they live on the devices, each
-    # host writing its own shards), synchronous: shard by shard, so the host holds about one
-    # tensor's shards at a time, where the asynchronous save first copies every shard to host.
-    manager.save(0, {MODEL_KEY: checkpoint.model_state(model.module)}, force=True)
+    runtime.init_process_group()
+    # The XLA engine's sharded save of the model (its tensors as they live on the devices, each
+    # host writing its own shards), straight from the devices: shard by shard, so the host holds
+    # about one tensor's shards at a time, where a training save first copies every shard to host.
+    checkpoint.write_step(out, 0, {MODEL_KEY: checkpoint.model_state(model.module)},
+                          planner=checkpoint.save_planner())
     with storage.open(storage.join(out, "0", "config.json"), "w") as f:
         f.write(json.dumps(source.config_fields, indent=2) + "\n")
     return storage.join(out, "0")

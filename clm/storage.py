@@ -1,9 +1,8 @@
 """Local paths and gs:// URLs behind one small API: the one place that knows about GCS.
 
 Everything that reads or writes gs:// goes through here: the data sources, checkpoints
-(torch.distributed.checkpoint's fsspec reader and torch_xla's CheckpointManager, which
-reach gs:// by fsspec), clm.convert. GCS is fsspec's gcsfs, the library CheckpointManager
-needs anyway (docs/design.md, "One gs:// stack"); it honours STORAGE_EMULATOR_HOST (tests
+(torch.distributed.checkpoint's fsspec reader and writer, which reach gs:// by fsspec),
+clm.convert. GCS is fsspec's gcsfs, the library those need anyway (docs/design.md, "One gs:// stack"); it honours STORAGE_EMULATOR_HOST (tests
 point it at gcp-storage-emulator). Objects are read in blocks, never downloaded whole.
 
 `open` moves bytes as stored: it does not decompress, even objects uploaded with

@@ -209,8 +209,8 @@ def host_values(model, optimizer) -> dict[str, torch.Tensor]:
     import torch_xla.distributed.spmd as xs
 
     tensors = {f"model.{name}": t for name, t in checkpoint.model_state(model).items()}
-    tensors.update((f"optimizer.state.{index}.{key}", value)
-                   for index, state in optimizer.state_dict()["state"].items()
+    tensors.update((f"optimizer.state.{name}.{key}", value)
+                   for name, state in checkpoint.optimizer_state(model, optimizer)["state"].items()
                    for key, value in state.items() if isinstance(value, torch.Tensor))
     values = {}
     for key, tensor in tensors.items():
@@ -251,7 +251,7 @@ def test_partially_replicated_tensors_are_saved_once_and_restore_bitwise(tmp_pat
             state["exp_avg_sq"].copy_(parameter * parameter + 2)
     torch_xla.sync()
     saved = host_values(model, optimizer)
-    saver = checkpoint.Checkpointer(cfg, model, optimizer, host_state={})
+    saver = checkpoint.XlaCheckpointer(cfg, model, optimizer, host_state={})
     saver.save(1)
     saver.close()
 
@@ -268,9 +268,33 @@ def test_partially_replicated_tensors_are_saved_once_and_restore_bitwise(tmp_pat
     fresh_model, fresh_optimizer = built(config(tmp_path, *mesh, "seed=1"))
     before = host_values(fresh_model, fresh_optimizer)
     assert not torch.equal(before["model.model.layers.0.mlp.gate.weight"], saved["model.model.layers.0.mlp.gate.weight"])
-    checkpoint.Checkpointer(cfg, fresh_model, fresh_optimizer, host_state={}).restore(str(step_dir))
+    checkpoint.XlaCheckpointer(cfg, fresh_model, fresh_optimizer, host_state={}).restore(str(step_dir))
     restored = host_values(fresh_model, fresh_optimizer)
     assert restored.keys() == saved.keys()
+    assert [key for key in saved if not torch.equal(restored[key], saved[key])] == []
+
+
+@pytest.mark.slow
+def test_a_checkpoint_with_the_optimizer_keyed_by_position_still_restores(tmp_path):
+    """clm before 2026-12-08 saved the XLA optimizer's state_dict() as it is (state keyed by
+    position, param groups one list); such a checkpoint restores bitwise."""
+    import torch_xla
+
+    cfg = config(tmp_path)
+    model, optimizer = built(cfg)
+    with torch.no_grad():
+        for parameter, state in optimizer.state.items():
+            state["exp_avg"].copy_(parameter * 0.5 + 1)
+    torch_xla.sync()
+    saved = host_values(model, optimizer)
+    runtime.init_process_group()
+    checkpoint.write_step(cfg.checkpoint_dir, 1, {"model": checkpoint.model_state(model), "optimizer": optimizer.state_dict(),
+                                                  "host_0": pickle.dumps({})}, planner=checkpoint.save_planner())
+    assert "optimizer.state.0.exp_avg" in checkpoint.tensor_shapes(str(Path(cfg.checkpoint_dir) / "1"))
+
+    fresh_model, fresh_optimizer = built(config(tmp_path, "seed=1"))
+    checkpoint.XlaCheckpointer(cfg, fresh_model, fresh_optimizer, host_state={}).restore(str(Path(cfg.checkpoint_dir) / "1"))
+    restored = host_values(fresh_model, fresh_optimizer)
     assert [key for key in saved if not torch.equal(restored[key], saved[key])] == []
 
 

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from families import write_family
 from test_megatron_data import EOD, VOCAB, write_indexed
@@ -328,3 +329,83 @@ def test_killed_and_resumed_continues_bitwise(data_dir, tmp_path):
     keys = ("train/loss", "train/grad_norm", "moe/drop_fraction", "eval/loss")
     for step in range(resumed_from + 1, 9):
         assert [actual[step].get(k) for k in keys] == [expected[step].get(k) for k in keys], step
+
+
+# ------------------------------------------------------------------ checkpoints that move
+
+MOVING = [*SHAPES, "max_steps=6", "eval_frequency=3", "do_first_eval=false", "checkpoint_every=3"]
+RUNS = {"xla": xla_run, "dtensor": torchrun}
+
+
+@pytest.fixture(scope="module")
+def moving(data_dir, tmp_path_factory) -> list[str]:
+    """The knobs of the runs that move: the tiny Mixtral without the load-balancing loss, which
+    the engines compute differently (README "Backends"), so what differs is the move alone."""
+    model = json.loads((REPO / "clm" / "model" / "configs" / "mixtral_tiny.json").read_text())
+    path = tmp_path_factory.mktemp("model") / "mixtral_tiny_no_aux.json"
+    path.write_text(json.dumps({**model, "router_aux_loss_coef": 0.0}))
+    return [*MOVING, *data(data_dir), f"model.config_path={path}"]
+
+
+@pytest.fixture(scope="module")
+def unmoved(moving, tmp_path_factory) -> dict[str, Path]:
+    """One uninterrupted run per engine (6 steps, checkpoints at 3 and 6): each is the reference
+    of the runs that resume on its engine, and writes the checkpoint the other engine resumes from."""
+    runs = {}
+    for engine, run in RUNS.items():
+        output_dir = tmp_path_factory.mktemp(f"unmoved-{engine}")
+        result = run(PROCESSES, *moving, f"output_dir={output_dir}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[engine] = output_dir / "moe_trial"
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source, target", [("xla", "dtensor"), ("dtensor", "xla")])
+def test_a_checkpoint_of_one_engine_resumes_on_the_other(moving, tmp_path, unmoved, source, target):
+    """Step 3 of one engine's run (one process on 4 XLA devices, or 4 gloo processes) continues
+    on the other engine, resharded onto its mesh, with the same data position and schedule: its
+    steps 4..6 equal those of the run that never left the target engine (fp32, 1e-3 relative)."""
+    step_dir = unmoved[source] / "checkpoints" / "3"
+    result = RUNS[target](PROCESSES, *moving, f"resume={step_dir}", f"output_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {step_dir} (step 3)" in result.stdout
+    moved, expected = metrics(tmp_path / "moe_trial"), metrics(unmoved[target])
+    assert sorted(moved) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert moved[step]["train/num_tokens"] == 8 * 64
+        assert moved[step]["train/lr"] == expected[step]["train/lr"], step
+        assert moved[step]["train/loss"] == pytest.approx(expected[step]["train/loss"], rel=1e-3), step
+        assert moved[step]["train/grad_norm"] == pytest.approx(expected[step]["train/grad_norm"], rel=1e-3), step
+    assert moved[6]["eval/loss"] == pytest.approx(expected[6]["eval/loss"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_a_dtensor_checkpoint_converts_to_the_hub_layout_as_an_xla_one_does(moving, unmoved, tmp_path):
+    """checkpoint-to-hf of each engine's step 6 gives the same files, hub names, shapes and
+    dtypes; what transformers loads from the DTensor one is that checkpoint's weights exactly.
+    (The two runs' weights themselves differ: Adam's near-sign updates amplify the engines' float
+    differences, by up to 1e-2 per element after 6 steps.)"""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from clm import checkpoint
+    from clm.convert import main
+
+    hub = {}
+    for engine in RUNS:
+        out = tmp_path / engine
+        config = next(knob.split("=", 1)[1] for knob in moving if knob.startswith("model.config_path="))
+        assert main(["checkpoint-to-hf", str(unmoved[engine] / "checkpoints"), str(out), "--config", config]) == 0
+        hub[engine] = {(file.name, name): (tensor.shape, tensor.dtype) for file in sorted(out.glob("*.safetensors"))
+                       for name, tensor in load_file(file).items()}
+    assert hub["dtensor"] == hub["xla"]
+    assert ("model-00001-of-00001.safetensors", "model.layers.0.block_sparse_moe.experts.0.w1.weight") in hub["xla"]
+
+    step_dir = str(unmoved["dtensor"] / "checkpoints" / "6")
+    saved = checkpoint.read_items(step_dir, {"model": {key[len("model."):]: torch.empty(shape) for key, shape in
+                                                       checkpoint.tensor_shapes(step_dir).items()
+                                                       if key.startswith("model.")}})["model"]
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dtensor").state_dict()
+    assert loaded.keys() == saved.keys()
+    assert [name for name in saved if not torch.equal(loaded[name], saved[name])] == []

@@ -159,7 +159,9 @@ def test_a_rows_time_is_when_its_steps_values_reached_the_host(tmp_path):
 @pytest.mark.slow
 def test_checkpoint_manager_path_starts_from_the_saved_weights(tmp_path):
     """The reference's initial-weights checkpoint: CheckpointManager.save(0, {"model": ...})."""
-    from clm.checkpoint import checkpoint_manager
+    import torch.distributed as dist
+    from torch_xla.experimental.distributed_checkpoint import CheckpointManager
+
     from clm.model.plan import ModelPlan
     from clm.parallel import mesh_shape
 
@@ -171,7 +173,10 @@ def test_checkpoint_manager_path_starts_from_the_saved_weights(tmp_path):
         return {name: p.detach().cpu() for name, p in trainer.model.named_parameters()}, trainer
 
     saved, trainer = build(tmp_path / "source", "seed=7")
-    checkpoint_manager(str(tmp_path / "weights")).save(0, {"model": trainer.model.state_dict()}, force=True)
+    runtime.init_process_group()
+    manager = CheckpointManager(str(tmp_path / "weights"), save_interval=1, process_group=dist.group.WORLD,
+                                chkpt_on_preemption=False)  # the reference's own tool
+    manager.save(0, {"model": trainer.model.state_dict()}, force=True)
 
     fresh, _ = build(tmp_path / "fresh", "seed=0")
     restored, _ = build(tmp_path / "restored", "seed=0", f"checkpoint_manager_path={tmp_path / 'weights'}")

@@ -348,7 +348,10 @@ if __name__ == "__main__":
         ckpt, out, *overrides = rest
         import torch_xla
 
-        from clm.checkpoint import checkpoint_manager
+        import torch.distributed as dist
+        from torch_xla.experimental.distributed_checkpoint import CheckpointManager
+
+        from clm import runtime
 
         cfg, model, _ = _build(overrides)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -361,7 +364,8 @@ if __name__ == "__main__":
             optimizer.step()
             optimizer.zero_grad()
             torch_xla.sync()
-        manager = checkpoint_manager(ckpt)
+        runtime.init_process_group()
+        manager = CheckpointManager(ckpt, save_interval=1, process_group=dist.group.WORLD, chkpt_on_preemption=False)
         # A training checkpoint: the model next to other state, which the export ignores.
         manager.save(3, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "trainer": {"step": torch.tensor(3)}}, force=True)

@@ -29,17 +29,9 @@ if TYPE_CHECKING:
     import torch
     from omegaconf import DictConfig
 
+    from clm.checkpoint import Checkpointer
     from clm.model.build import ShardedModel
     from clm.model.plan import ModelPlan
-
-
-class Checkpointer(Protocol):
-    """Saves and restores a run (clm.checkpoint.Checkpointer on XLA); same layout and names on both engines."""
-
-    def maybe_save(self, step: int) -> None: ...
-    def save(self, step: int, blocking: bool = False) -> None: ...
-    def restore(self, step_directory: str) -> int: ...
-    def close(self) -> None: ...
 
 
 class Engine(Protocol):

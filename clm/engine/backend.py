@@ -2,7 +2,7 @@
 
 Plain facts only (no torch_xla import unless on a TPU host): the config resolves the knob
 when it loads (clm.config.load_config), so a run's config.yaml and its checkpoints name the
-engine that ran, and a resume on the other engine is refused as a changed knob.
+engine that ran; a checkpoint resumes on either engine (`backend` may change on resume).
 """
 
 from __future__ import annotations

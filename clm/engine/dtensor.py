@@ -209,8 +209,8 @@ class DTensorEngine:
         return RNGState(self.device)
 
     def checkpointer(self, cfg, model: ShardedModel, optimizer, host_state: dict,
-                     before_save) -> checkpoint.DistributedCheckpointer:
-        return checkpoint.DistributedCheckpointer(cfg, model.module, optimizer, host_state,
+                     before_save) -> checkpoint.DTensorCheckpointer:
+        return checkpoint.DTensorCheckpointer(cfg, model.module, optimizer, host_state,
                                                   process_index=self.process_index(), before_save=before_save)
 
     # ---- steps
@@ -555,6 +555,6 @@ class RNGState:
         random.setstate(state["python"])
         np.random.set_state(state["numpy"])
         torch.set_rng_state(state["torch"])
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and "cuda" in state:  # an XLA checkpoint's: this run's seed's
             torch.cuda.set_rng_state(state["cuda"], self.device)
 

@@ -97,8 +97,8 @@ class XlaEngine:
     def rng_state(self) -> checkpoint.RNGState:
         return checkpoint.RNGState()
 
-    def checkpointer(self, cfg, model: ShardedModel, optimizer, host_state: dict, before_save) -> checkpoint.Checkpointer:
-        return checkpoint.Checkpointer(cfg, model.module, optimizer, host_state, process_index=self.process_index(),
+    def checkpointer(self, cfg, model: ShardedModel, optimizer, host_state: dict, before_save) -> checkpoint.XlaCheckpointer:
+        return checkpoint.XlaCheckpointer(cfg, model.module, optimizer, host_state, process_index=self.process_index(),
                                        before_save=before_save)
 
     # ---- steps
