@@ -69,6 +69,7 @@ def metrics(run_dir: Path) -> dict[int, dict]:
     return rows
 
 
+@pytest.mark.xla
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["mixtral", "llama"])
 def test_fsdp4_on_gloo_processes_matches_xla_spmd_on_four_devices(data_dir, tmp_path, model):

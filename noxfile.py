@@ -1,0 +1,37 @@
+"""The test command (README, .ci/run): `pip install nox && nox` runs the suite on both stacks clm
+supports, each in a fresh virtual environment of its own.
+
+- current: `pip install -e '.[test]'`, the newest torch, no torch_xla. The DTensor engine's tests
+  and the engine-neutral code that runs on torch (imports, config and backend resolution, model
+  init, data, schedules); whatever needs torch_xla is marked `xla` and skipped (tests/conftest.py).
+  Engine-independent tests that do not touch torch (deploy, docker) run once, in `xla`.
+- xla: `pip install -e '.[xla,test]'`, torch 2.9.0 + torch_xla 2.9.0: the whole suite.
+
+`nox -s current` or `nox -s xla` runs one; arguments after `--` go to pytest (`nox -s xla -- -m "not slow"`).
+"""
+
+import nox
+
+nox.options.error_on_missing_interpreters = True
+
+# The current stack's selection (see above): the quick tier of these modules, then every DTensor test.
+CURRENT = ["tests/test_packaging.py", "tests/test_imports.py", "tests/test_config.py", "tests/test_init.py",
+           "tests/test_schedules.py", "tests/test_data.py", "tests/test_megatron_data.py"]
+
+
+@nox.session
+def current(session: nox.Session) -> None:
+    session.install("-e", ".[test]")
+    session.run("python", "-c", "import importlib.util, sys, torch; print('torch', torch.__version__); "
+                "sys.exit(importlib.util.find_spec('torch_xla') is not None)")
+    if session.posargs:
+        session.run("pytest", "-m", "not xla", *session.posargs)
+        return
+    session.run("pytest", "-m", "not xla and not slow", *CURRENT)
+    session.run("pytest", "-m", "not xla", "tests/test_dtensor.py")
+
+
+@nox.session
+def xla(session: nox.Session) -> None:
+    session.install("-e", ".[xla,test]")
+    session.run("pytest", *session.posargs)
