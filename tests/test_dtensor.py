@@ -69,6 +69,20 @@ def metrics(run_dir: Path) -> dict[int, dict]:
     return rows
 
 
+def test_each_device_gets_its_collective_backend_beside_gloo():
+    """CPU tensors always go through gloo; the device's through nccl (torch's own default for CUDA)
+    or TorchTPU's tpu_dist (the name torch_tpu 0.2.0 registers; untested here: no TPU)."""
+    import torch.distributed as dist
+
+    from clm.engine.dtensor import PROCESS_GROUP_BACKENDS, accelerator, process_group_backend
+
+    assert process_group_backend("cpu") == "gloo"
+    assert process_group_backend("cuda") == "cpu:gloo,cuda:nccl"
+    assert process_group_backend("tpu") == "cpu:gloo,tpu:tpu_dist"
+    assert PROCESS_GROUP_BACKENDS["cuda"] == dist.Backend.default_device_backend_map["cuda"]
+    assert accelerator() is None  # this host: no GPU, no TPU
+
+
 @pytest.mark.xla
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["mixtral", "llama"])

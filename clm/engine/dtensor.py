@@ -67,11 +67,11 @@ def accelerator() -> str | None:
     return None if found is None else found.type
 
 
-def process_group_backend(device: torch.device) -> str:
-    """init_process_group's backend for a process whose device is `device`."""
-    if device.type == "cpu":
+def process_group_backend(device_type: str) -> str:
+    """init_process_group's backend for a process whose device is of `device_type`."""
+    if device_type == "cpu":
         return "gloo"
-    return f"cpu:gloo,{device.type}:{PROCESS_GROUP_BACKENDS[device.type]}"
+    return f"cpu:gloo,{device_type}:{PROCESS_GROUP_BACKENDS[device_type]}"
 
 
 class DTensorEngine:
@@ -126,7 +126,7 @@ class DTensorEngine:
         if dist.is_initialized():
             return
         # CPU tensors (the stop agreement, checkpoint planning) through gloo, the device's through its own.
-        backend, device_id = process_group_backend(self.device), (None if device_type is None else self.device)
+        backend, device_id = process_group_backend(self.device.type), (None if device_type is None else self.device)
         with runtime.quiet_native_stdout():  # gloo prints a line per group to stdout from C++
             if "RANK" in os.environ:  # torchrun's rendezvous (env://)
                 dist.init_process_group(backend, device_id=device_id)
