@@ -20,9 +20,9 @@ DTENSOR = "tests/test_dtensor.py::test_"
 CURRENT = ["tests/test_packaging.py", "tests/test_imports.py", "tests/test_config.py", "tests/test_init.py",
            "tests/test_schedules.py", "tests/test_data.py", "tests/test_megatron_data.py",
            f"{DTENSOR}each_device_gets_its_collective_backend_beside_gloo"]
-# then every module but the XLA engine's imported, and the DTensor engine training on the newest torch: 4 gloo processes, 5 steps in fp32 and in
-# bf16 compute with checkpoints (FSDP2, DCP), and a refusal under torchrun. (The kill -9 and bitwise
-# resume, 4.5 minutes here, runs in xla only.)
+# then every module but the XLA engine's imported in a fresh process, and the DTensor engine training
+# on the newest torch: 4 gloo processes, 5 steps in fp32 and in bf16 compute with checkpoints (FSDP2,
+# DCP), and a refusal under torchrun. (The kill -9 and bitwise resume, 4.5 minutes here, runs in xla only.)
 CURRENT_SLOW = ["tests/test_imports.py::test_every_module_but_the_xla_engine_imports_without_loading_torch_xla",
                 f"{DTENSOR}megatron_mixed_precision_computes_in_bf16_and_keeps_fp32_parameters_and_optimizer",
                 f"{DTENSOR}what_is_not_built_yet_is_one_line_on_process_0_exit_2"]
