@@ -160,10 +160,11 @@ def run_cli(*overrides, cwd=REPO):
     [
         (["+foo=1"], "foo"),
         (["max_steps=abc"], "max_steps"),
-        (["global_train_batch_size=6"], "global_train_batch_size"),
+        pytest.param(["global_train_batch_size=6"], "global_train_batch_size", marks=pytest.mark.xla),  # 4 devices
         (["model.config_path=no_such_model.json"], "model.config_path=no_such_model.json"),
         (["max_length=8192"], "max_position_embeddings=4096"),
-        (["model.compute_dtype=bfloat16"], "model.compute_dtype=bfloat16: not built yet on backend=xla"),
+        pytest.param(["model.compute_dtype=bfloat16"], "model.compute_dtype=bfloat16: not built yet on backend=xla",
+                     marks=pytest.mark.xla),
     ],
 )
 def test_cli_bad_input_is_one_line_nonzero_exit_no_traceback_and_keeps_old_files(tmp_path, overrides, names):
