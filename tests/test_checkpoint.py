@@ -24,7 +24,7 @@ from runs import GROUP, TINY_RUN
 from runs import tiny_run_config as config
 from test_data_gcs import gcs_server  # noqa: F401  (the fixture)
 
-pytestmark = pytest.mark.xdist_group(GROUP)
+pytestmark = [pytest.mark.xdist_group(GROUP), pytest.mark.xla]
 
 REPO = Path(__file__).resolve().parent.parent
 LAST = 10  # the shared run's last step (tests/runs.py)

@@ -101,37 +101,51 @@ def test_bad_config_is_one_user_error_naming_the_knob(overrides, names):
     assert "\n" not in message
 
 
-@pytest.mark.parametrize("tpu_chips, torch_xla_imports, cuda, torch_xla_installed, expected", [
-    (4, True, False, True, "xla"),
-    (4, False, False, True, "dtensor"),  # TorchTPU's torch, which torch_xla 2.9 cannot load beside
-    (0, False, True, True, "dtensor"),
-    (0, False, False, True, "xla"),  # XLA's CPU backend with virtual devices
-    (0, False, False, False, "dtensor"),
+@pytest.mark.parametrize("tpu_chips, cuda, present, loading, expected", [
+    (4, False, {"torch_xla"}, {"torch_xla"}, "xla"),
+    (4, False, {"torch_xla", "torch_tpu"}, set(), "dtensor"),  # TorchTPU's torch: torch_xla 2.9 cannot load beside it
+    (4, False, {"torch_tpu"}, set(), "dtensor"),  # TorchTPU
+    (0, True, {"torch_xla"}, {"torch_xla"}, "dtensor"),
+    (0, False, {"torch_xla"}, {"torch_xla"}, "xla"),  # XLA's CPU backend with virtual devices
+    (0, False, set(), set(), "dtensor"),  # the current stack's CPU: gloo
 ])
-def test_backend_auto_picks_the_engine_for_the_hardware(monkeypatch, tpu_chips, torch_xla_imports, cuda,
-                                                       torch_xla_installed, expected):
-    import importlib.util
+def test_backend_auto_picks_the_engine_for_the_host(tpu_chips, cuda, present, loading, expected):
+    from clm.engine import backend
 
-    import torch
+    assert backend.auto(tpu_chips, cuda, present.__contains__, loading.__contains__) == expected
+
+
+def test_backend_auto_on_a_tpu_host_without_torch_xla_or_torchtpu_is_one_line():
+    from clm.engine import backend
+
+    with pytest.raises(UserError, match=r"^backend=auto: this host has 4 TPU chips but neither torch_xla nor "
+                                        r"torch_tpu loads; pip install -e '.\[tpu\]'.*'.\[torchtpu\]'"):
+        backend.auto(4, False, lambda name: False, lambda name: False)
+
+
+def test_backend_auto_reads_this_stack():
+    """The real checks on this CPU host: torch_xla loads on the [xla] stack and is absent on the
+    current one (torch_tpu on neither: it needs a TPU), and auto resolves accordingly."""
+    import importlib.util
 
     from clm.engine import backend
 
-    monkeypatch.setattr(backend.tpu, "chips_attached", lambda: tpu_chips)
-    monkeypatch.setattr(backend, "_torch_xla_imports", lambda: torch_xla_imports)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: (find_spec(name, *a) if torch_xla_installed else None)
-                        if name == "torch_xla" else find_spec(name, *a))
-    assert backend.resolve("auto") == expected
+    has_torch_xla = importlib.util.find_spec("torch_xla") is not None
+    assert backend.is_installed("torch_xla") is backend.loads("torch_xla") is has_torch_xla
+    assert backend.is_installed("torch_tpu") is backend.loads("torch_tpu") is False
+    assert backend.is_installed("torch") is backend.loads("torch") is True
+    assert backend.resolve("auto") == ("xla" if has_torch_xla else "dtensor")
     assert backend.resolve("dtensor") == "dtensor" and backend.resolve("xla") == "xla"
 
 
 def test_the_resolved_backend_is_what_the_config_holds_and_what_the_device_count_is_asked_for():
+    import importlib.util
+
     asked = []
     cfg = load_config(["backend=dtensor"], num_devices=lambda engine: asked.append(engine) or 4)
     assert cfg.backend == "dtensor" and asked == ["dtensor"]
-    assert load_config([], num_devices=4).backend == "xla"  # auto, here: torch_xla is installed, no GPU
+    auto = "xla" if importlib.util.find_spec("torch_xla") else "dtensor"  # no GPU here
+    assert load_config([], num_devices=4).backend == auto
 
 
 def run_cli(*overrides, cwd=REPO):
@@ -146,11 +160,12 @@ def run_cli(*overrides, cwd=REPO):
     [
         (["+foo=1"], "foo"),
         (["max_steps=abc"], "max_steps"),
-        (["global_train_batch_size=6"], "global_train_batch_size"),
+        pytest.param(["global_train_batch_size=6"], "global_train_batch_size", marks=pytest.mark.xla),  # 4 devices
         (["model.config_path=no_such_model.json"], "model.config_path=no_such_model.json"),
         (["max_length=8192"], "max_position_embeddings=4096"),
-        (["model.compute_dtype=bfloat16"], "model.compute_dtype=bfloat16: not built yet on backend=xla"),
-        (["compile=true"], "compile=true: backend=xla always compiles"),
+        pytest.param(["model.compute_dtype=bfloat16"], "model.compute_dtype=bfloat16: not built yet on backend=xla",
+                     marks=pytest.mark.xla),
+        pytest.param(["compile=true"], "compile=true: backend=xla always compiles", marks=pytest.mark.xla),
         (["compile=true", "compile_backend=tvm"], "compile_backend=tvm: use one of inductor, aot_eager"),
     ],
 )

@@ -129,6 +129,7 @@ def test_train_and_eval_from_gcs_equal_local(gcs_server, tmp_path, tokenizer):
         assert eval_set.num_tokens == sum(len(SP.encode(text)) for group in groups for text in group)
 
 
+@pytest.mark.xla
 @pytest.mark.slow
 def test_c4_layout_on_gcs_and_resume_from_gcs(gcs_server, tokenizer):
     train, validation = f"{gcs_server}/c4/train", f"{gcs_server}/c4/validation"

@@ -266,6 +266,7 @@ def test_hub_name_without_network_is_one_line(tmp_path, offline):
     assert "save_to_disk(DIR)" in lines[0] and "dataset.dataset_name=DIR dataset.dataset_config_name=null" in lines[0]
 
 
+@pytest.mark.xla
 @pytest.mark.slow
 def test_trainer_checks_the_split_before_compiling(tmp_path, texts):
     source = write_parquet_folder(tmp_path / "corpus", texts[:6], texts[6:8])

@@ -1,6 +1,6 @@
 """The images: every Dockerfile passes hadolint at warning level (no Docker engine here: lint,
-not build), the CPU image runs the README's default job, the GPU and TorchTPU images keep the
-torch they install and carry no torch_xla, and the build script honours IMAGE and knows every
+not build), the CPU image runs the README's default job, the GPU and TorchTPU images install clm
+without torch_xla on the torch they pin, and the build script honours IMAGE and knows every
 image."""
 
 import json
@@ -72,13 +72,14 @@ def test_build_script_builds_every_image(kind):
     assert f"--file {ROOT}/docker/{kind}/Dockerfile" in result.stdout
 
 
-@pytest.mark.parametrize("dockerfile", WITHOUT_TORCH_XLA, ids=lambda p: p.parent.name)
-def test_torch_xla_free_images_keep_their_torch(dockerfile):
-    """The torch the image installs is the one clm's install is constrained to (so pip cannot
-    swap in pyproject.toml's torch_xla pair), and the build fails if torch_xla came along."""
+@pytest.mark.parametrize("dockerfile, target", [(WITHOUT_TORCH_XLA[0], "."), (WITHOUT_TORCH_XLA[1], '".[torchtpu]"')],
+                         ids=lambda p: getattr(p, "parent", Path()).name or p)
+def test_torch_xla_free_images_install_clm_without_torch_xla_on_their_torch(dockerfile, target):
+    """clm's base install (gpu) or its [torchtpu] extra, constrained to the torch the image
+    installs (so pip cannot swap it), and the build fails if torch_xla came along."""
     text = dockerfile.read_text()
     installed = set(re.findall(r"pip install [^\n]*torch==([\d.]+)", text))
-    constrained = set(re.findall(r'echo "torch==([\d.]+)" > /tmp/constraints.txt', text))
+    constrained = set(re.findall(r'(?:echo|printf) "torch==([\d.]+)[^"]*" > /tmp/constraints.txt', text))
     assert installed == constrained and len(installed) == 1, (installed, constrained)
-    assert "--constraint /tmp/constraints.txt ." in text
+    assert f"pip install --constraint /tmp/constraints.txt {target} " in text
     assert "find_spec('torch_xla') is not None" in text

@@ -116,6 +116,20 @@ def test_tensor_parallel_styles_come_from_the_rule_table_and_what_has_none_is_re
         DTensorEngine().check(ModelPlan.from_config(cfg, mesh_shape(8, 2, 2, 1)))
 
 
+def test_each_device_gets_its_collective_backend_beside_gloo():
+    """CPU tensors always go through gloo; the device's through nccl (torch's own default for CUDA)
+    or TorchTPU's tpu_dist (the name torch_tpu 0.2.0 registers; untested here: no TPU)."""
+    import torch.distributed as dist
+
+    from clm.engine.dtensor import PROCESS_GROUP_BACKENDS, accelerator, process_group_backend
+
+    assert process_group_backend("cpu") == "gloo"
+    assert process_group_backend("cuda") == "cpu:gloo,cuda:nccl"
+    assert process_group_backend("tpu") == "cpu:gloo,tpu:tpu_dist"
+    assert PROCESS_GROUP_BACKENDS["cuda"] == dist.Backend.default_device_backend_map["cuda"]
+    assert accelerator() is None  # this host: no GPU, no TPU
+
+
 # The model and its parallelism per parity case: the engines' meshes have the same shape.
 PARITY = {
     "mixtral": [],  # the default model: mixtral_tiny.json (clm's random init), capacity factor 1.25, fsdp=4
@@ -129,6 +143,7 @@ PARITY = {
 }
 
 
+@pytest.mark.xla
 @pytest.mark.slow
 @pytest.mark.parametrize("model", list(PARITY))
 def test_gloo_processes_match_xla_spmd_on_four_devices(data_dir, tmp_path, model):
@@ -360,6 +375,7 @@ def unmoved(moving, tmp_path_factory) -> dict[str, Path]:
     return runs
 
 
+@pytest.mark.xla
 @pytest.mark.slow
 @pytest.mark.parametrize("source, target", [("xla", "dtensor"), ("dtensor", "xla")])
 def test_a_checkpoint_of_one_engine_resumes_on_the_other(moving, tmp_path, unmoved, source, target):
@@ -380,6 +396,7 @@ def test_a_checkpoint_of_one_engine_resumes_on_the_other(moving, tmp_path, unmov
     assert moved[6]["eval/loss"] == pytest.approx(expected[6]["eval/loss"], rel=1e-3)
 
 
+@pytest.mark.xla
 @pytest.mark.slow
 def test_a_dtensor_checkpoint_converts_to_the_hub_layout_as_an_xla_one_does(moving, unmoved, tmp_path):
     """checkpoint-to-hf of each engine's step 6 gives the same files, hub names, shapes and

@@ -6,7 +6,13 @@ a package's submodule is an edge to that submodule, not to the package's __init_
 """
 
 import ast
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "clm"
@@ -165,3 +171,27 @@ def test_the_trainer_path_imports_no_engine_library_outside_the_engines():
                             f"torch.distributed.tensor: {unexpected}")
     stale = sorted(set(STILL_IMPORTS) - set(offenders))
     assert not stale, f"STILL_IMPORTS lists modules that no longer import an engine library: {stale}"
+
+
+XLA_ENGINE = "clm.engine.xla"  # the one module that imports torch_xla when it loads
+
+
+@pytest.mark.slow
+def test_every_module_but_the_xla_engine_imports_without_loading_torch_xla():
+    """On either stack (torch 2.9 + torch_xla, or the newest torch without it): every clm module
+    other than the XLA engine imports, and none of them loads torch_xla on import."""
+    script = ("import importlib, json, sys\n"
+              f"modules = {sorted(set(MODULES) - {XLA_ENGINE})!r}\n"
+              "failed = {}\n"
+              "for name in modules:\n"
+              "    try:\n"
+              "        importlib.import_module(name)\n"
+              "    except Exception as error:\n"
+              "        failed[name] = repr(error)\n"
+              "print(json.dumps([failed, sorted(m for m in sys.modules if m.split('.')[0] == 'torch_xla')]))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    failed, loaded = json.loads(result.stdout.splitlines()[-1])
+    assert failed == {} and loaded == []
+    assert XLA_ENGINE in MODULES

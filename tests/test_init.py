@@ -44,6 +44,7 @@ def one_device_state(tmp_path_factory) -> dict[str, torch.Tensor]:
     return torch.load(path)
 
 
+@pytest.mark.xla
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh", [[], ["tensor_parallelism=2", "expert_parallelism=2"]])
 def test_init_is_the_same_on_one_and_eight_devices(one_device_state, mesh):
@@ -61,6 +62,7 @@ def test_init_is_the_same_on_one_and_eight_devices(one_device_state, mesh):
     assert not torch.equal(reseeded.module.lm_head.weight.cpu(), eight["lm_head.weight"])
 
 
+@pytest.mark.xla
 def test_init_applies_transformers_parent_inits_too(tmp_path):
     """transformers initialises bottom-up, and GPT-2's attention and MLP modules re-draw their
     residual projection c_proj with std 0.02 / sqrt(2 * layers): clm's one-tensor-at-a-time init
@@ -81,6 +83,7 @@ BIG = {"hidden_size": 2048, "intermediate_size": 512, "num_hidden_layers": 1, "n
        "num_key_value_heads": 4}
 
 
+@pytest.mark.xla
 @pytest.mark.slow
 def test_init_host_memory_is_bounded_by_one_parameter_for_any_device_count(tmp_path):
     fields = json.loads((REPO / "clm/model/configs/mixtral_tiny.json").read_text()) | BIG

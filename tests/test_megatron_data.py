@@ -291,6 +291,7 @@ BAD_INPUTS = {
 }
 
 
+@pytest.mark.xla
 @pytest.mark.parametrize("problem", BAD_INPUTS)
 def test_bad_input_is_one_line_before_anything_is_written(data_dir, tmp_path, problem):
     from clm import runtime
@@ -304,6 +305,7 @@ def test_bad_input_is_one_line_before_anything_is_written(data_dir, tmp_path, pr
     assert "\n" not in str(error.value) and not output_dir.exists()
 
 
+@pytest.mark.xla
 @pytest.mark.slow
 def test_bad_input_exits_2_with_one_line(data_dir, tmp_path):
     """The command line, once: one `error:` line on stderr, exit status 2, nothing written."""
@@ -352,6 +354,7 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.xla
 @pytest.mark.slow
 def test_training_on_indexed_data_resumes_bitwise_and_logs_gpt_oss_20b(data_dir, tmp_path):
     from clm.compliance import check

@@ -19,7 +19,7 @@ from clm.train import train
 from runs import GROUP, SHAPES, config
 from wandb_records import offline_run
 
-pytestmark = pytest.mark.xdist_group(GROUP)
+pytestmark = [pytest.mark.xdist_group(GROUP), pytest.mark.xla]
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRETS = {"HF_TOKEN": "hf_plantedTokenValue123", "WANDB_API_KEY": "0123456789abcdef-planted-wandb-key",

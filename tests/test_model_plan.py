@@ -25,6 +25,7 @@ def single_file(hub: Path) -> Path:
     return hub
 
 
+@pytest.mark.xla  # the startup of an XLA run
 @pytest.mark.parametrize("files", [3, 1])
 def test_startup_builds_the_meta_model_once_and_reads_each_header_once(tmp_path, files):
     import safetensors

@@ -187,6 +187,7 @@ print(json.dumps({"level": os.environ.get("PT_XLA_DEBUG_LEVEL"), "file": path, "
 """
 
 
+@pytest.mark.xla
 @pytest.mark.slow
 @pytest.mark.parametrize("analysis", [True, False])
 def test_compile_analysis_knob_names_causes_when_on_and_is_not_set_up_when_off(tmp_path, analysis):
@@ -208,6 +209,7 @@ def test_compile_analysis_knob_names_causes_when_on_and_is_not_set_up_when_off(t
         assert "cause: unknown (torch_xla's compilation analysis is off: xla_compile_analysis=false" in message
 
 
+@pytest.mark.xla
 def test_a_process_started_by_a_clm_process_gets_an_analysis_file_of_its_own(tmp_path):
     """A process a clm process starts (a test worker, a run a test launches) inherits its settings:
     with the same file, each would read the other's compilations as its own. A user's own

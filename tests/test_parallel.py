@@ -19,6 +19,8 @@ from clm.errors import UserError
 from clm.model.config import load_model_config
 from runs import SHAPES
 
+pytestmark = pytest.mark.xla  # the XLA engine's mesh and placements
+
 REPO = Path(__file__).resolve().parents[1]
 # fp32, 8 sequences of 64 tokens (the shared shapes, tests/runs.py), 3 optimizer steps, no eval.
 RUN = [*SHAPES, "max_steps=3", "eval_frequency=100", "do_first_eval=false", "model.dtype=float32", "wandb.mode=disabled"]

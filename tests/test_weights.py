@@ -19,6 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hub_layout import hub_tensors, write_hub_checkpoint  # noqa: E402
 
+pytestmark = pytest.mark.xla  # the XLA engine's mesh and placements
+
 TINY = json.loads((REPO / "clm/model/configs/mixtral_tiny.json").read_text())
 # Dropless experts and fp32 matmuls: the harness's forward equals transformers' stock one.
 EXACT = ["model.capacity_factor=0", "full_precision=true", "model.dtype=float32", "max_length=32"]

@@ -1,9 +1,13 @@
 """The DTensor engine: standard PyTorch distributed, one process per device.
 
 Launch: `torchrun --nproc-per-node N run_clm.py backend=dtensor ...` (one process per device;
-without torchrun, one process). Process group: gloo on CPU; on CUDA nccl for the devices with
-gloo beside it for CPU tensors (the stop agreement, checkpoint planning). Mesh: a DeviceMesh of
-the config's shape (dcn x fsdp x expert x tensor, as clm.parallel.mesh_shape computes it).
+without torchrun, one process). The device is torch's accelerator where there is one: CUDA, or
+TorchTPU's `tpu` (torch_tpu, which torch loads as a device backend when it is installed); else
+the CPU. Process group: gloo on CPU; on an accelerator its collective backend (nccl, TorchTPU's
+tpu_dist) for the devices with gloo beside it for CPU tensors (the stop agreement, checkpoint
+planning). Mesh: a DeviceMesh of the config's shape (dcn x fsdp x expert x tensor, as
+clm.parallel.mesh_shape computes it). TorchTPU is untested here (it needs a TPU): what it uses is
+this device choice, PROCESS_GROUP_BACKENDS and torch's generic device module for RNG state.
 
 The model is transformers' model of the plan on the meta device, then, in torchtitan's order:
 tensor parallelism over the `tensor` axis (parallelize_module, its styles read from the rule
@@ -64,6 +68,23 @@ from clm.optim import prime_optimizer
 from clm.parallel.mesh import AXES, axes_of
 from clm.parallel.sharding import model_tensors, tied_aliases
 
+# The collective backend of each accelerator's device type (CPU tensors go through gloo). "tpu_dist"
+# is the name torch_tpu 0.2.0 registers for its `tpu` device (torch_tpu/_loader.py).
+PROCESS_GROUP_BACKENDS = {"cuda": "nccl", "tpu": "tpu_dist"}
+
+
+def accelerator() -> str | None:
+    """The device type of this host's accelerator: 'cuda', 'tpu' (TorchTPU), ...; None on a CPU."""
+    found = torch.accelerator.current_accelerator(check_available=True)
+    return None if found is None else found.type
+
+
+def process_group_backend(device_type: str) -> str:
+    """init_process_group's backend for a process whose device is of `device_type`."""
+    if device_type == "cpu":
+        return "gloo"
+    return f"cpu:gloo,{device_type}:{PROCESS_GROUP_BACKENDS[device_type]}"
+
 
 class DTensorEngine:
     name = DTENSOR
@@ -84,7 +105,7 @@ class DTensorEngine:
         return 1  # nothing reports slices here: a dcn axis is num_slices=N
 
     def device_type(self) -> str:
-        return "CUDA" if torch.cuda.is_available() else "CPU"
+        return (accelerator() or "cpu").upper()
 
     def device_kind(self) -> str:
         """The GPU's kind in clm.gpu's table ('h100'), for MFU and MLPerf's platform; else the
@@ -113,18 +134,19 @@ class DTensorEngine:
 
     # ---- build
     def setup(self, cfg) -> None:
-        if torch.cuda.is_available():
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(self.device)
-            # XLA's default on TPU is reduced-precision fp32 matmuls; full_precision asks for fp32.
-            torch.backends.cuda.matmul.allow_tf32 = not cfg.full_precision
+        device_type = accelerator()
+        if device_type is not None:
+            self.device = torch.device(device_type, int(os.environ.get("LOCAL_RANK", "0")))
+            torch.accelerator.set_device_index(self.device.index)
         else:
             self.device = torch.device("cpu")
+        if device_type == "cuda":
+            # XLA's default on TPU is reduced-precision fp32 matmuls; full_precision asks for fp32.
+            torch.backends.cuda.matmul.allow_tf32 = not cfg.full_precision
         if dist.is_initialized():
             return
-        # CPU tensors (the stop agreement, checkpoint planning) through gloo, CUDA ones through nccl.
-        cuda = self.device.type == "cuda"
-        backend, device_id = ("cpu:gloo,cuda:nccl", self.device) if cuda else ("gloo", None)
+        # CPU tensors (the stop agreement, checkpoint planning) through gloo, the device's through its own.
+        backend, device_id = process_group_backend(self.device.type), (None if device_type is None else self.device)
         with runtime.quiet_native_stdout():  # gloo prints a line per group to stdout from C++
             if "RANK" in os.environ:  # torchrun's rendezvous (env://)
                 dist.init_process_group(backend, device_id=device_id)
@@ -547,14 +569,14 @@ class RNGState:
 
     def state_dict(self) -> dict:
         state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.device.type != "cpu":  # torch.cuda, or TorchTPU's torch.tpu
+            state[self.device.type] = torch.get_device_module(self.device.type).get_rng_state(self.device)
         return state
 
     def load_state_dict(self, state: dict) -> None:
         random.setstate(state["python"])
         np.random.set_state(state["numpy"])
         torch.set_rng_state(state["torch"])
-        if self.device.type == "cuda" and "cuda" in state:  # an XLA checkpoint's: this run's seed's
-            torch.cuda.set_rng_state(state["cuda"], self.device)
+        if self.device.type != "cpu" and self.device.type in state:  # an XLA checkpoint's has none: this run's seed's
+            torch.get_device_module(self.device.type).set_rng_state(state[self.device.type], self.device)
 
