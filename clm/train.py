@@ -165,6 +165,7 @@ class Trainer:
         return stop_request
 
     def stop(self, stop_request: str) -> None:
+        """Save this step (blocking) before the run ends with EXIT_PREEMPTED."""
         self.checkpointer.save(self.loop.step, blocking=True)
         console.say(f"step {self.loop.step}: {stop_request}: checkpoint saved, exiting with code "
                     f"{EXIT_PREEMPTED} (run the same command to resume)")
