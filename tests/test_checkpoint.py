@@ -194,7 +194,7 @@ def test_save_and_resume_through_gcs(tmp_path, gcs_server, uninterrupted):  # no
                              cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300)
     assert listing.returncode == 0, listing.stderr
     lines = listing.stdout.strip().splitlines()
-    assert [line.split()[0] for line in lines] == ["step=1", f"step={LAST}"]
+    assert [line.split()[0] for line in lines] == ["step=0", f"step={LAST}"]
     assert all("complete" in line and "max_length=64" in line and "size_mb=" in line for line in lines)
 
 
