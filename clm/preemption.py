@@ -1,12 +1,14 @@
 """Stop requests: SIGTERM (what GKE and xpk send before a preemption) and the kill switch.
 
 Neither stops a step half-way. The signal handler only sets a flag, and the trainer asks
-`StopRequests.poll()` once per optimizer step, at the step's end, where it saves a
-checkpoint and exits with EXIT_PREEMPTED. The kill switch (`kill_switch_path`, as Intel
-Gaudi's Megatron-LM `HL_KILL_SWITCH`) is a file whose appearance does the same; process 0
-looks for it. With several hosts, every host's request is combined by one tiny all-reduce
-on the CPU process group, so all hosts stop at the same step. Nothing here touches the
-device, so an ordinary step gains no host sync.
+`StopRequests.poll()` once per optimizer step, at the step's end, and before each eval batch
+(an eval of the whole validation set can outlast a preemption's notice); on a request it saves
+a checkpoint of the step and exits with EXIT_PREEMPTED, and an eval cut short is redone by the
+resumed run. The kill switch (`kill_switch_path`, as Intel Gaudi's Megatron-LM
+`HL_KILL_SWITCH`) is a file whose appearance does the same; process 0 looks for it. With
+several hosts, every host's request is combined by one tiny all-reduce on the CPU process
+group, so all hosts stop at the same step (or eval batch): every process polls at the same
+points. Nothing here touches the device, so a step or an eval batch gains no host sync.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ class StopRequests:
 
     def _on_signal(self, signum, frame) -> None:
         if self.signal_received is None:
-            print("SIGTERM received: stopping after this step with a checkpoint", file=sys.stderr, flush=True)
+            print("SIGTERM received: stopping after this step or eval batch with a checkpoint", file=sys.stderr,
+                  flush=True)
         self.signal_received = signum
 
     def poll(self) -> str | None:

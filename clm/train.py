@@ -8,8 +8,10 @@ hand a log step's values to the run log's thread, profile a step. A step's logge
 one stacked tensor computed in every step, read on log steps by the run log on the engine's
 thread (one device-to-host transfer), and the eval loss once per eval for the stop check, so
 a step never waits on the host (and on XLA never recompiles after warm-up). Checkpoints and
-stop requests are handled between steps (`end_step`). Everything the run reports goes through
-`self.log` (clm.observe.run_log.RunLog).
+stop requests are handled between steps (`end_step`); stop requests also before each eval batch,
+so an eval never holds up a preemption: it is cut short, unreported, and the step saved, and the
+resumed run redoes it (`eval_due`). Everything the run reports goes through `self.log`
+(clm.observe.run_log.RunLog).
 """
 
 from __future__ import annotations
@@ -123,9 +125,8 @@ class Trainer:
         progress = tqdm(initial=loop.step, total=cfg.max_steps, desc="train", unit="step", disable=not self.is_main,
                         file=sys.stdout)
         self.log.run_start()
-        if loop.step == 0 and cfg.do_first_eval:
-            self.evaluate()
-        stop_request = None
+        # Step 0's first eval, or the eval a stop request cut short before this run's checkpoint.
+        stop_request = self.evaluate() if self.eval_due() else None
         while loop.step < cfg.max_steps and not loop.target_reached and stop_request is None:
             self.log.train_block(self.samples_seen)
             if loop.step + 1 == cfg.xla_profile_step:
@@ -133,13 +134,12 @@ class Trainer:
             else:
                 self.train_step()
             progress.update(1)
-            if loop.step % cfg.eval_frequency == 0:
-                self.evaluate()
-            stop_request = self.end_step()
+            stop_request = (self.evaluate() if self.eval_due() else None) or self.end_step()
         progress.close()
+        if stop_request is None and loop.eval_step != loop.step:
+            # The final one: the summary, the report and the MLPerf log end on this step.
+            stop_request = self.evaluate()
         if stop_request is None:
-            if loop.eval_step != loop.step:
-                self.evaluate()  # the final one: the summary, the report and the MLPerf log end on this step
             self.log.run_stop(self.samples_seen, success=loop.target_reached)
             self.checkpointer.save(loop.step, blocking=True)  # the final state, always
         self.checkpointer.close()
@@ -147,17 +147,29 @@ class Trainer:
         skipped = self.train_batches.stats["skipped_lines"] + self.eval_set.stats["skipped_lines"]
         return self.log.summarize(loop, stop_reason, skipped_lines=skipped)
 
+    def eval_due(self) -> bool:
+        """This step's eval is owed: step 0 with do_first_eval, or every eval_frequency steps,
+        unless done already. A run resumed from a checkpoint saved when a stop request cut that
+        eval short owes it."""
+        step = self.loop.step
+        on_cadence = step % self.cfg.eval_frequency == 0 if step else self.cfg.do_first_eval
+        return on_cadence and self.loop.eval_step != step
+
     def end_step(self) -> str | None:
         """The one point between steps where the run checkpoints and may stop: a stop request
         (SIGTERM, the kill switch) saves at once and ends the loop with its reason."""
         stop_request = self.stop_requests.poll()
         if stop_request:
-            self.checkpointer.save(self.loop.step, blocking=True)
-            console.say(f"step {self.loop.step}: {stop_request}: checkpoint saved, exiting with code "
-                        f"{EXIT_PREEMPTED} (run the same command to resume)")
+            self.stop(stop_request)
         else:
             self.checkpointer.maybe_save(self.loop.step)
         return stop_request
+
+    def stop(self, stop_request: str) -> None:
+        """Save this step (blocking) before the run ends with EXIT_PREEMPTED."""
+        self.checkpointer.save(self.loop.step, blocking=True)
+        console.say(f"step {self.loop.step}: {stop_request}: checkpoint saved, exiting with code "
+                    f"{EXIT_PREEMPTED} (run the same command to resume)")
 
     def close(self) -> None:
         """Stop the data thread, close the writers, give SIGTERM back; runs from `finally`."""
@@ -219,13 +231,24 @@ class Trainer:
             self.train_step()
         console.say(f"step {self.loop.step}: profile written to {self.cfg.run_dir}/profile")
 
-    def evaluate(self) -> None:
-        """Token-weighted mean loss over every scored label of the validation set."""
+    def evaluate(self) -> str | None:
+        """Token-weighted mean loss over every scored label of the validation set.
+
+        Stop requests are polled before each batch (every process at the same batches, as the
+        agreement's all-reduce needs; a flag and a file, no device sync). One cuts the eval short:
+        nothing of it is reported, the step is saved (its eval owed, `eval_due`) and the request
+        returned, as `end_step` returns it."""
         self.log.eval_start(self.samples_seen)
         self.model.eval()
         loss_sums, counts = [], []
         with torch.no_grad():
             for batch in self.eval_set.batches():
+                stop_request = self.stop_requests.poll()
+                if stop_request:
+                    self.model.train()
+                    self.log.eval_abandoned(self.loop.step, stop_request)
+                    self.stop(stop_request)
+                    return stop_request
                 input_ids, labels = self.engine.to_device(batch)
                 terms = self.model.loss_terms(input_ids, labels, self.cfg.pad_token_id)
                 loss_sums.append(terms.loss_sum)
@@ -236,6 +259,7 @@ class Trainer:
         self.loop.record_eval(eval_loss, self.cfg.target_eval_loss)
         self.log.after_eval(self.loop.step, self.samples_seen, eval_loss, num_tokens=self.eval_set.num_tokens,
                             skipped_lines=self.eval_set.stats["skipped_lines"])
+        return None
 
 
 def train(cfg: DictConfig) -> Summary:

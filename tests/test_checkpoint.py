@@ -31,9 +31,18 @@ LAST = 10  # the shared run's last step (tests/runs.py)
 
 
 def rows(run_dir) -> list[tuple]:
-    """(step, train/loss, eval/loss) of every metrics.jsonl row: what must match bitwise."""
+    """(step, train/loss, eval/loss) of every metrics.jsonl row: what must match bitwise (none
+    before the first row: the file is made then)."""
+    if not (Path(run_dir) / "metrics.jsonl").exists():
+        return []
     with open(Path(run_dir) / "metrics.jsonl") as f:
         return [(r["step"], r.get("train/loss"), r.get("eval/loss")) for r in map(json.loads, f)]
+
+
+def mlperf_keys(run_dir) -> list[str]:
+    """The MLPerf log's event keys, in order."""
+    lines = (Path(run_dir) / "mlperf_compliance.log").read_text().splitlines()
+    return [json.loads(line.split(" ", 1)[1])["key"] for line in lines]
 
 
 def model_tensors(step_dir) -> dict[str, torch.Tensor]:
@@ -62,19 +71,24 @@ def uninterrupted(tiny_run):
 
 
 @pytest.mark.slow
-def test_kill_switch_saves_stops_and_resumes_bitwise(tmp_path, uninterrupted):
+def test_kill_switch_cuts_the_first_eval_short_saves_and_resumes_bitwise(tmp_path, uninterrupted):
+    """The switch is polled before every eval batch too: present from the start, it stops the
+    run in its step-0 eval, which is not reported and which the resumed run redoes."""
     switch = tmp_path / "STOP"
     switch.touch()
     cfg = config(tmp_path, f"kill_switch_path={switch}")
     summary = train(cfg)
     assert summary.stop_reason == "kill_switch" and exit_code(summary) == EXIT_PREEMPTED
-    assert summary.steps == 1  # checked once per step: it stops after the first
-    assert checkpoint.step_directories(cfg.checkpoint_dir) == {1: True}
+    assert summary.steps == 0 and summary.eval_loss is None
+    assert checkpoint.step_directories(cfg.checkpoint_dir) == {0: True}
+    assert not rows(cfg.run_dir)  # no eval row
+    assert "eval_start" not in mlperf_keys(cfg.run_dir) and "run_start" in mlperf_keys(cfg.run_dir)
 
     switch.unlink()
     summary = train(cfg)  # the same command again
     assert summary.stop_reason == "max_steps" and summary.steps == LAST and exit_code(summary) == 0
     assert rows(cfg.run_dir) == rows(uninterrupted.run_dir)
+    assert mlperf_keys(cfg.run_dir) == mlperf_keys(uninterrupted.run_dir)
     assert_same_weights(Path(cfg.checkpoint_dir) / str(LAST), Path(uninterrupted.checkpoint_dir) / str(LAST))
     # Retention: the newest checkpoints_to_keep=2 complete ones.
     assert checkpoint.step_directories(cfg.checkpoint_dir) == {LAST - 2: True, LAST: True}
@@ -130,7 +144,7 @@ def test_checkpoint_saved_on_one_mesh_resumes_on_another(tmp_path, uninterrupted
     """Saved on fsdp=8, resumed on fsdp=4 x tensor=2: distributed checkpointing reshards."""
     switch = tmp_path / "STOP"
     switch.touch()
-    cfg = config(tmp_path, f"kill_switch_path={switch}")
+    cfg = config(tmp_path, f"kill_switch_path={switch}", "do_first_eval=false")  # stopped after step 1
     assert train(cfg).steps == 1
     switch.unlink()
     resumed = train(config(tmp_path, f"kill_switch_path={switch}", "tensor_parallelism=2"))
@@ -170,7 +184,7 @@ def test_save_and_resume_through_gcs(tmp_path, gcs_server, uninterrupted):  # no
     # Two saves, the kill switch's and the last (the emulator takes seconds per checkpoint).
     cfg = config(tmp_path, f"checkpoint_dir={ckpt}", f"kill_switch_path={switch}", "checkpoint_every=0")
     assert train(cfg).stop_reason == "kill_switch"
-    assert checkpoint.step_directories(ckpt) == {1: True}
+    assert checkpoint.step_directories(ckpt) == {0: True}  # in the step-0 eval
     switch.unlink()
     train(config(tmp_path, f"checkpoint_dir={ckpt}", "checkpoint_every=0"))
     assert rows(cfg.run_dir) == rows(uninterrupted.run_dir)
@@ -180,7 +194,7 @@ def test_save_and_resume_through_gcs(tmp_path, gcs_server, uninterrupted):  # no
                              cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300)
     assert listing.returncode == 0, listing.stderr
     lines = listing.stdout.strip().splitlines()
-    assert [line.split()[0] for line in lines] == ["step=1", f"step={LAST}"]
+    assert [line.split()[0] for line in lines] == ["step=0", f"step={LAST}"]
     assert all("complete" in line and "max_length=64" in line and "size_mb=" in line for line in lines)
 
 
@@ -438,46 +452,58 @@ class Launch:
     code: int
     output: str
     steps: dict[int, bool]  # the checkpoints once it ended
+    rows: list[tuple]  # metrics.jsonl's, once it ended
+    mlperf: list[str]  # the MLPerf log's keys, once it ended
+
+
+def ended(process, run_dir) -> Launch:
+    code, output = finish(process)
+    return Launch(code, output, checkpoint.step_directories(str(run_dir / "checkpoints")), rows(run_dir),
+                  mlperf_keys(run_dir))
 
 
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory):
     """The shared run as real processes, stopped twice by real signals, each time resumed by the
-    same command: SIGTERM after step 2 (sent twice: the second, as if during the save, is only
-    noted), then kill -9 in the middle of a save, then to the end. The tiny run's configuration,
-    so each process compiles the smallest model again (XLA's CPU client cannot load programs)."""
+    same command: SIGTERM in the step-0 eval (sent as soon as the MLPerf log shows it started:
+    the process then compiles its eval graph, seconds, before its 27 batches; sent twice: the
+    second, as if during the save, is only noted), then kill -9 in the middle of a save, then
+    to the end. The tiny run's configuration, so each process compiles the smallest model
+    again (XLA's CPU client cannot load programs)."""
     output_dir = tmp_path_factory.mktemp("interrupted")
     run_dir = output_dir / "moe_trial"
     checkpoints = run_dir / "checkpoints"
+    mlperf_log = run_dir / "mlperf_compliance.log"
     launches = {}
 
     # Only the checkpoint SIGTERM saves (checkpoint_every may change on resume).
     process = launch(output_dir, "checkpoint_every=0")
-    wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(rows(run_dir)) >= 3, process,
-             what="step 2's metrics")
+    wait_for(lambda: mlperf_log.exists() and '"eval_start"' in mlperf_log.read_text(), process,
+             what="the first eval's start")
     process.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     process.send_signal(signal.SIGTERM)
-    code, output = finish(process)
-    launches["sigterm"] = Launch(code, output, checkpoint.step_directories(str(checkpoints)))
+    launches["sigterm"] = ended(process, run_dir)
 
     # Every checkpoint kept, to see which were complete.
     process = launch(output_dir, "checkpoints_to_keep=0")
     killed_at = freeze_during_a_save(process, checkpoints, after=max(launches["sigterm"].steps, default=0))
-    code, output = finish(process)
-    launches["kill_9"] = Launch(code, output, checkpoint.step_directories(str(checkpoints)))
+    launches["kill_9"] = ended(process, run_dir)
 
-    code, output = finish(launch(output_dir, "checkpoints_to_keep=0"))
-    launches["last"] = Launch(code, output, checkpoint.step_directories(str(checkpoints)))
+    launches["last"] = ended(launch(output_dir, "checkpoints_to_keep=0"), run_dir)
     return run_dir, killed_at, launches
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_exits_75_even_when_sent_twice(interrupted):
+def test_sigterm_in_an_eval_cuts_it_short_saves_and_exits_75_even_when_sent_twice(interrupted):
+    """Polled before every eval batch: the step is saved, the eval neither logged nor in the MLPerf log."""
     _, _, launches = interrupted
     sigterm = launches["sigterm"]
     assert sigterm.code == EXIT_PREEMPTED, sigterm.output[-3000:]
-    assert len(sigterm.steps) == 1 and all(sigterm.steps.values()) and 2 <= next(iter(sigterm.steps)) < LAST
+    assert sigterm.steps == {0: True}
+    assert "step 0: preempted: eval cut short" in sigterm.output, sigterm.output[-3000:]
+    assert sigterm.rows == []
+    assert "run_start" in sigterm.mlperf and "eval_start" not in sigterm.mlperf
 
 
 @pytest.mark.slow
@@ -487,7 +513,8 @@ def test_a_process_killed_during_a_save_resumes_from_the_previous_checkpoint(int
     assert kill_9.code == -signal.SIGKILL
     assert kill_9.steps[killed_at] is False
     previous = max(step for step, complete in kill_9.steps.items() if complete and step < killed_at)
-    assert "resumed from" in kill_9.output  # the SIGTERM's checkpoint
+    assert "resumed from" in kill_9.output and "(step 0)" in kill_9.output  # the SIGTERM's checkpoint
+    assert kill_9.rows[0][0] == 0 and kill_9.rows[0][2] is not None  # it redid the eval it owed first
     assert last.code == 0, last.output[-3000:]
     assert f"checkpoints/{killed_at} is incomplete" in last.output, last.output[-3000:]
     assert "resumed from" in last.output and f"(step {previous})" in last.output
@@ -496,9 +523,15 @@ def test_a_process_killed_during_a_save_resumes_from_the_previous_checkpoint(int
 
 @pytest.mark.slow
 def test_after_sigterm_and_kill_9_the_same_command_continues_bitwise(interrupted, uninterrupted):
+    """The evals included (the one SIGTERM cut short redone), and the MLPerf log is the
+    uninterrupted run's, event for event, and passes the checker."""
+    from clm.compliance import check
+
     run_dir, _, _ = interrupted
     assert rows(run_dir) == rows(uninterrupted.run_dir)
     assert_same_weights(run_dir / f"checkpoints/{LAST}", Path(uninterrupted.checkpoint_dir) / str(LAST))
+    assert mlperf_keys(run_dir) == mlperf_keys(uninterrupted.run_dir)
+    assert check(str(run_dir / "mlperf_compliance.log"), "dryrun").passed
 
 
 @pytest.mark.slow

@@ -309,41 +309,81 @@ def descendants(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_killed_and_resumed_continues_bitwise(data_dir, tmp_path):
-    """kill -9 of every process once checkpoint 2 is complete; the same command then resumes from
-    the newest complete checkpoint (a later one cut short is skipped) and its steps equal an
-    uninterrupted run's bit for bit."""
+def test_killed_then_preempted_in_an_eval_resumes_bitwise(data_dir, tmp_path):
+    """Two gloo processes, three stops of one run, each resumed by the same command:
+    - kill -9 of every process once checkpoint 2 is complete: it resumes from the newest complete
+      checkpoint (a later one cut short is skipped);
+    - SIGTERM to torchrun once the step-8 eval has started (100 batches), which passes it on to
+      both processes: they agree at the same eval batch, save step 8 and exit 75; the eval is not
+      reported;
+    - the same command redoes that eval first.
+    Steps and the eval equal an uninterrupted run's bit for bit, the MLPerf log event for event."""
     import signal
     import time
 
-    run = [*SHAPES, *data(data_dir), "max_steps=8", "eval_frequency=8", "do_first_eval=false", "checkpoint_every=2"]
-    whole = torchrun(PROCESSES, *run, f"output_dir={tmp_path / 'whole'}")
+    from clm.cli import EXIT_CODE_DIR_ENV
+    from clm.errors import EXIT_PREEMPTED
+
+    eval_set = ["n_eval_examples=200", "global_eval_batch_size=2"]  # 100 batches: the signal lands in the eval
+    shapes = [knob for knob in SHAPES if knob.split("=")[0] not in ("n_eval_examples", "global_eval_batch_size")]
+    run = [*shapes, *eval_set, *data(data_dir), "max_steps=8", "eval_frequency=8", "do_first_eval=false",
+           "checkpoint_every=2"]
+    whole = torchrun(2, *run, f"output_dir={tmp_path / 'whole'}")
     assert whole.returncode == 0, whole.stderr[-3000:]
 
-    output = [f"output_dir={tmp_path / 'killed'}"]
-    checkpoints = tmp_path / "killed" / "moe_trial" / "checkpoints"
-    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                f"--nproc-per-node={PROCESSES}", str(REPO / "run_clm.py"), "backend=dtensor",
-                                *run, *output],
-                               cwd=REPO, env=environment(OMP_NUM_THREADS="1"), start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not (checkpoints / "2" / ".manager_metadata").exists():
-        assert process.poll() is None and time.monotonic() < deadline, "the run ended before checkpoint 2"
-        time.sleep(0.02)
+    output = [f"output_dir={tmp_path / 'stopped'}"]
+    run_dir = tmp_path / "stopped" / "moe_trial"
+    checkpoints = run_dir / "checkpoints"
+
+    def start(**env) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 "--nproc-per-node=2",
+                                 str(REPO / "run_clm.py"), "backend=dtensor", *run, *output],
+                                cwd=REPO, env=environment(OMP_NUM_THREADS="1", **env), start_new_session=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def wait_until(condition, process, what):
+        deadline = time.monotonic() + 300
+        while not condition():
+            assert process.poll() is None and time.monotonic() < deadline, f"the run ended before {what}"
+            time.sleep(0.02)
+
+    process = start()
+    wait_until(lambda: (checkpoints / "2" / ".manager_metadata").exists(), process, "checkpoint 2")
     for pid in [process.pid, *descendants(process.pid)]:  # torchrun starts its processes in sessions of their own
         os.kill(pid, signal.SIGKILL)
     process.wait()
     resumed_from = max(int(p.name) for p in checkpoints.iterdir() if (p / ".manager_metadata").exists())
-    assert resumed_from < 8, "the run finished before it was killed"
+    mlperf_log = run_dir / "mlperf_compliance.log"
+    assert resumed_from < 8 and '"eval_start"' not in mlperf_log.read_text(), "the run reached its eval"
 
-    resumed = torchrun(PROCESSES, *run, *output)
+    exit_codes = tmp_path / "exit_codes"
+    exit_codes.mkdir()
+    process = start(**{EXIT_CODE_DIR_ENV: str(exit_codes)})
+    wait_until(lambda: '"eval_start"' in mlperf_log.read_text(), process, "the step-8 eval")
+    process.send_signal(signal.SIGTERM)  # as the pod's wrapper (clm.launch.host) passes it on
+    preempted, _ = process.communicate(timeout=300)
+    assert f"resumed from {checkpoints / str(resumed_from)} (step {resumed_from})" in preempted
+    assert sorted(int(p.read_text()) for p in exit_codes.iterdir()) == [EXIT_PREEMPTED] * 2, preempted[-3000:]
+    assert "step 8: preempted: eval cut short" in preempted, preempted[-3000:]
+    assert (checkpoints / "8" / ".manager_metadata").exists()
+    assert "eval/loss" not in metrics(run_dir).get(8, {})
+    assert '"eval_start"' not in mlperf_log.read_text()
+
+    resumed = torchrun(2, *run, *output)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from {checkpoints / str(resumed_from)} (step {resumed_from})" in resumed.stdout
-    expected, actual = metrics(tmp_path / "whole" / "moe_trial"), metrics(tmp_path / "killed" / "moe_trial")
+    assert f"resumed from {checkpoints / '8'} (step 8)" in resumed.stdout
+    expected, actual = metrics(tmp_path / "whole" / "moe_trial"), metrics(run_dir)
     keys = ("train/loss", "train/grad_norm", "moe/drop_fraction", "eval/loss")
+    assert actual[8]["eval/loss"] is not None
     for step in range(resumed_from + 1, 9):
         assert [actual[step].get(k) for k in keys] == [expected[step].get(k) for k in keys], step
+    assert mlperf_keys(run_dir) == mlperf_keys(tmp_path / "whole" / "moe_trial")
+
+
+def mlperf_keys(run_dir: Path) -> list[str]:
+    lines = (run_dir / "mlperf_compliance.log").read_text().splitlines()
+    return [json.loads(line.split(" ", 1)[1])["key"] for line in lines]
 
 
 # ------------------------------------------------------------------ checkpoints that move

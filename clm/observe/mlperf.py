@@ -7,6 +7,11 @@ evaluation eval_start, eval_accuracy (the eval loss), eval_stop; last run_stop w
 success (the target was reached) or aborted. `samples_count` counts training sequences
 (optimizer steps x global batch), each `max_sequence_length` tokens.
 
+An evaluation that a stop request cuts short (SIGTERM, the kill switch) leaves no line:
+`eval_abandoned()` takes back its eval_start (and the block_stop before it), so the log stands
+where it stood before that eval, which the resumed run redoes; the checker allows no eval
+without its accuracy, and no eval_accuracy is made up for an eval that did not finish.
+
 Resume: the log continues the same run. `state_dict()` holds the number of lines written
 and whether a block is open; a logger given `load_state_dict(state)` truncates the file to
 those lines at its first write (lines the dead run wrote after the checkpoint are dropped),
@@ -65,6 +70,7 @@ class MLPerfLogger:
         self._restored: dict | None = None
         self.block_open = False
         self.stopped = False
+        self._before_eval: tuple[int, bool] | None = None  # (lines, block_open) before the open eval
 
     # ------------------------------------------------------------------ resume contract
 
@@ -138,6 +144,7 @@ class MLPerfLogger:
 
     def eval_start(self, samples: int) -> None:
         self._open()
+        self._before_eval = (self._lines, self.block_open)
         if self.block_open:
             self.block_open = False
             self._end(C.BLOCK_STOP, metadata={C.SAMPLES_COUNT: samples})
@@ -146,6 +153,14 @@ class MLPerfLogger:
     def eval_stop(self, samples: int, eval_loss: float) -> None:
         self._event(C.EVAL_ACCURACY, eval_loss, metadata={C.SAMPLES_COUNT: samples})
         self._end(C.EVAL_STOP, metadata={C.SAMPLES_COUNT: samples})
+        self._before_eval = None
+
+    def eval_abandoned(self) -> None:
+        """The open eval was cut short: its lines are taken back (see the module's docstring)."""
+        lines, self.block_open = self._before_eval
+        self._before_eval = None
+        if self.enabled:
+            self._keep_lines(lines)
 
     def run_stop(self, samples: int, success: bool) -> None:
         if self.stopped:
@@ -188,17 +203,21 @@ class MLPerfLogger:
                 self._file.write(line + "\n")
             self._lines = len(self._pending)
         else:
-            keep = self._restored["lines"]
-            lines = []
-            if os.path.exists(self.path):
-                with open(self.path) as f:
-                    lines = f.read().splitlines()[:keep]
-            with open(self.path + ".tmp", "w") as f:
-                f.writelines(line + "\n" for line in lines)
-            os.replace(self.path + ".tmp", self.path)  # a crash here leaves the old or the new log whole
-            self._file = open(self.path, "a", buffering=1)
-            self._lines = len(lines)
+            self._keep_lines(self._restored["lines"])
         self._pending = []
+
+    def _keep_lines(self, keep: int) -> None:
+        """Cut the file back to its first `keep` lines and open it for appending."""
+        self.close()
+        lines = []
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                lines = f.read().splitlines()[:keep]
+        with open(self.path + ".tmp", "w") as f:
+            f.writelines(line + "\n" for line in lines)
+        os.replace(self.path + ".tmp", self.path)  # a crash here leaves the old or the new log whole
+        self._file = open(self.path, "a", buffering=1)
+        self._lines = len(lines)
 
     def _write_line(self, line: str) -> None:
         if self._file is None:

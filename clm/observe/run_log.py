@@ -11,7 +11,8 @@ The points, in the order a run reaches them:
     run_start()               the timed run begins
     train_block(samples)      before each train step (MLPerf block_start when none is open)
     after_train_step(...)     right after a step is cut: the step's row (on log steps) and its compiles
-    eval_start / after_eval   around each evaluation
+    eval_start / after_eval   around each evaluation (eval_abandoned instead when a stop request
+                              cuts it short: nothing of it is reported)
     run_stop(samples, ok)     MLPerf run_stop
     summarize(...)            the Summary (print_summary prints its one line)
     close()                   the writers closed; runs from the trainer's `finally`
@@ -235,6 +236,13 @@ class RunLog:
             # Eval time is not training time: the next row's step time starts here, when the
             # device is idle (the eval loss has reached the host).
             self._last_row = (step, time.perf_counter())
+
+    def eval_abandoned(self, step: int, stop_request: str) -> None:
+        """A stop request cut the eval short: no row, no eval_accuracy, and its MLPerf lines taken
+        back, so the checkpoint of this step holds the logs as they were before it; the run that
+        resumes from it redoes the eval."""
+        self.mlperf.eval_abandoned()
+        console.say(f"step {step}: {stop_request}: eval cut short, not reported (the resumed run redoes it)")
 
     # ------------------------------------------------------------------ run end
 
