@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,12 @@ def test_metrics_writer_resume_keeps_rows_to_the_checkpoint_and_drops_the_dead_r
         writer.write(step, {"train/loss": 100.0 + step})
     writer.close()
 
+    # TensorBoard reads event files in name order, and a name starts with the second it was made
+    # in: a resumed process starts seconds later; here, in one process, wait for the next second
+    # (within one second the names sort by a per-process counter, as text: 10 before 9).
+    made = int(time.time())
+    while int(time.time()) == made:
+        time.sleep(0.01)
     resumed = MetricsWriter(str(tmp_path))
     resumed.load_state_dict(state)
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 5, "load_state_dict must not write"
