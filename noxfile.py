@@ -24,10 +24,13 @@ CURRENT = ["tests/test_packaging.py", "tests/test_imports.py", "tests/test_confi
            f"{DTENSOR}dropless_is_transformers_grouped_mm_where_torch_has_a_grouped_gemm"]
 # then every module but the XLA engine's imported in a fresh process, and the DTensor engine training
 # on the newest torch: 4 gloo processes, 5 steps in fp32 and in bf16 compute with checkpoints (FSDP2,
-# DCP), and a refusal under torchrun. (The kill -9 and bitwise resume, 4.5 minutes here, runs in xla only.)
+# DCP), a refusal under torchrun, tensor parallelism with activation checkpointing and torch.compile,
+# and kill -9 then SIGTERM in an eval, each resumed bit for bit.
 CURRENT_SLOW = ["tests/test_imports.py::test_every_module_but_the_xla_engine_imports_without_loading_torch_xla",
                 f"{DTENSOR}megatron_mixed_precision_computes_in_bf16_and_keeps_fp32_parameters_and_optimizer",
-                f"{DTENSOR}what_is_not_built_yet_is_one_line_on_process_0_exit_2"]
+                f"{DTENSOR}what_is_not_built_yet_is_one_line_on_process_0_exit_2",
+                f"{DTENSOR}activation_checkpointing_and_compile_keep_the_losses_on_tensor_parallel_processes",
+                f"{DTENSOR}killed_then_preempted_in_an_eval_resumes_bitwise"]
 
 
 @nox.session

@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 
@@ -167,11 +168,13 @@ class DTensorEngine:
             self.mesh = init_device_mesh(self.device.type, tuple(shape.sizes.values()), mesh_dim_names=AXES)
         # FSDP over the data axes: sharded over fsdp (x expert, which splits the batch too), replicated
         # over dcn (HSDP) when there are slices.
-        sharded = "fsdp"
-        if shape.expert > 1:
-            sharded = "fsdp_expert"
-            self.mesh["fsdp", "expert"]._flatten(sharded)
-        data_mesh = self.mesh["dcn", sharded] if shape.dcn > 1 else self.mesh[sharded]
+        if shape.expert == 1:
+            data_mesh = self.mesh["dcn", "fsdp"] if shape.dcn > 1 else self.mesh["fsdp"]
+        else:
+            flat = self.mesh["fsdp", "expert"]._flatten("fsdp_expert")
+            # newer torch warns on slicing a flattened dim from the root mesh: kept only where
+            # HSDP needs the 2-D (dcn, fsdp_expert) mesh
+            data_mesh = self.mesh["dcn", "fsdp_expert"] if shape.dcn > 1 else flat
         # The processes that read distinct rows (every axis but tensor), as one dimension.
         self.row_mesh = self.mesh[tuple(axis for axis in AXES if axis != "tensor")]._flatten("rows")
 
@@ -422,20 +425,25 @@ class FullyShardedModel(ShardedModel):
         self.data_group = data_group  # the processes with distinct rows (tensor ranks share theirs)
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        logits = super().__call__(input_ids)
+        with warnings.catch_warnings():
+            # Newer torch's FSDP2 warns on every step that the root returned a view (the logits,
+            # gathered whole over tensor): a hazard only for an in-place op on them, which clm
+            # never does (the loss reads them out of place; the tensor-parallel runs' losses equal
+            # the fsdp-only ones').
+            warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor",
+                                    category=UserWarning)
+            logits = super().__call__(input_ids)
         if self.routing is not None:
             for layer in self.routing.layers:
                 layer.expert_load = _gather_rows(layer.expert_load, self.data_group)
         return logits
 
     def loss_terms(self, input_ids, labels, ignore_index):
-        from torch.distributed.nn.functional import all_reduce
-
         terms = super().loss_terms(input_ids, labels, ignore_index)
         if dist.get_world_size(self.data_group) == 1:
             return terms
         # the aux loss is the global batch's already (its fractions pooled over the data processes)
-        terms.loss_sum = all_reduce(terms.loss_sum, group=self.data_group)
+        terms.loss_sum = differentiable("all_reduce", terms.loss_sum, group=self.data_group)
         counts = torch.stack([terms.num_scored, terms.num_inputs])
         dist.all_reduce(counts, group=self.data_group)
         terms.num_scored, terms.num_inputs = counts[0], counts[1]
@@ -462,11 +470,22 @@ class FullyShardedModel(ShardedModel):
 def _mean_over_processes(tensor: torch.Tensor, group) -> torch.Tensor:
     """The mean of `tensor` over the data processes of `group` (each holds as many rows),
     differentiable: the backward hands every process the gradient of its own part."""
-    from torch.distributed.nn.functional import all_reduce
-
     if dist.get_world_size(group) == 1:
         return tensor
-    return all_reduce(tensor, group=group) / dist.get_world_size(group)
+    return differentiable("all_reduce", tensor, group=group) / dist.get_world_size(group)
+
+
+def differentiable(collective: str, *args, **kwargs) -> torch.Tensor:
+    """torch.distributed.nn.functional's `collective`: it carries gradients on every torch clm
+    supports. Newer torch marks these deprecated (a FutureWarning on every call) in favour of the
+    functional collectives, whose all_reduce has no backward on torch 2.9: the warning is not the
+    user's to act on, so it is not shown."""
+    import torch.distributed.nn.functional as collectives
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.\w+ is deprecated",
+                                category=FutureWarning)
+        return getattr(collectives, collective)(*args, **kwargs)
 
 
 def _gather_rows(tensor: torch.Tensor, group) -> torch.Tensor:
@@ -536,16 +555,14 @@ class ExpertParallel:
         self.size = dist.get_world_size(group)
 
     def __call__(self, experts: torch.nn.Module, dispatched: torch.Tensor, constrain=None) -> torch.Tensor:
-        from torch.distributed.nn.functional import all_to_all_single
-
         batch, num_experts, capacity, hidden = dispatched.shape
         local = num_experts // self.size
         # [B, E, C, H] -> [ep, B, E/ep, C, H]: block e goes to the process holding experts e*E/ep...
         send = dispatched.view(batch, self.size, local, capacity, hidden).transpose(0, 1).contiguous()
-        received = all_to_all_single(torch.empty_like(send), send, group=self.group)  # [senders, B, E/ep, C, H]
+        received = differentiable("all_to_all_single", torch.empty_like(send), send, group=self.group)  # [senders, B, E/ep, C, H]
         output = moe.expert_mlp(_LocalExperts(experts), received.view(self.size * batch, local, capacity, hidden))
         back = output.reshape(self.size, batch, local, capacity, hidden).contiguous()
-        returned = all_to_all_single(torch.empty_like(back), back, group=self.group)  # [expert groups, B, ...]
+        returned = differentiable("all_to_all_single", torch.empty_like(back), back, group=self.group)  # [expert groups, B, ...]
         return returned.transpose(0, 1).reshape(batch, num_experts, capacity, hidden)
 
 
