@@ -383,6 +383,7 @@ class Checkpointer:
         self.optimizer = optimizer
         self.host_state = host_state
         self.host_key = f"host_{process_index}"
+        self.is_main = process_index == 0  # releases old checkpoints
         self.before_save = before_save
         self.last_saved_step: int | None = None
 
@@ -424,7 +425,7 @@ class Checkpointer:
 
     def commit(self, step: int, state: dict, planner=None, process_group=None) -> None:
         write_step(self.cfg.checkpoint_dir, step, state, planner, process_group)
-        if self.host_key == "host_0":
+        if self.is_main:
             release_oldest(self.cfg.checkpoint_dir, self.cfg.checkpoints_to_keep)
 
     def restore(self, step_directory: str) -> int:
